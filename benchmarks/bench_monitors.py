@@ -1,6 +1,6 @@
 """Cost of the in-step monitors: the jitted training step with all monitors vs without.
 
-Model: the residual LN-MLP on mnist1d (train.build_model), SGD. Both steps come from
+Model: the residual LN-MLP on mnist1d (gradsparse.factory.build), SGD. Both steps come from
 ``train.make_train_step(..., monitors=True|False)`` and run on the same model, optimizer state
 and batch, interleaved; each advances its own copy of the training state, as in ``train``.
 

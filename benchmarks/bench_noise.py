@@ -21,8 +21,9 @@ import numpy as np
 
 from gradsparse.config import TrainConfig
 from gradsparse.data import load_dataset
-from gradsparse.modules import configure
-from gradsparse.train import DataInfo, _Batcher, build_model, default_trainable, make_optimizer, make_train_step
+from gradsparse.data import Batcher, DataInfo
+from gradsparse.factory import build, make_optimizer
+from gradsparse.step import make_train_step
 
 VARIANTS = (("plain", "none", "sample"), ("synapse", "synapse", "sample"), ("exact/sample", "exact", "sample"),
             ("exact/batch", "exact", "batch"))
@@ -31,14 +32,14 @@ VARIANTS = (("plain", "none", "sample"), ("synapse", "synapse", "sample"), ("exa
 def _setup(cfg: TrainConfig):
     ds = load_dataset(cfg.data, seed=0, n_train=cfg.n_train, n_test=cfg.n_test)
     info = DataInfo.of(ds)
-    x, y = _Batcher(ds, jax.random.key(1), cfg.batch_size, cfg.seq_len)(0)
+    x, y = Batcher(ds, jax.random.key(1), cfg.batch_size, cfg.seq_len)(0)
     steps = {}
     for name, kind, per in VARIANTS:
         c = cfg.replace(weight_noise=kind, noise_per=per)
-        model, proj = configure(build_model(c, info, jax.random.key(0)), c)
-        trainable = default_trainable(model)
+        built = build(c, info, jax.random.key(0))
+        model, trainable = built.model, built.trainable
         opt = make_optimizer(c)
-        fn = make_train_step(opt, trainable, proj, monitors=False, noise=kind != "none")
+        fn = make_train_step(opt, trainable, built.projections, monitors=False)
         state = opt.init(eqx.filter(model, trainable))
         steps[name] = (fn, model, state)
     return steps, jnp.asarray(x), jnp.asarray(y)

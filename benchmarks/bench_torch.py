@@ -207,7 +207,9 @@ def main() -> None:
     import numpy as np
 
     from gradsparse.config import TrainConfig
-    from gradsparse.train import DataInfo, build_model, default_trainable, make_optimizer, make_train_step
+    from gradsparse.data import DataInfo
+    from gradsparse.factory import build, make_optimizer
+    from gradsparse.step import make_train_step
 
     cores = 1 if one else cpu_count()
     torch.set_num_threads(cores)
@@ -220,8 +222,8 @@ def main() -> None:
     repeats = 7 if quick() else 25
     for width in (128, 512):
         cfg = TrainConfig(width=width, depth=depth, batch_size=batch, lr=0.05)
-        model = build_model(cfg, DataInfo.of(ds), jax.random.key(0))
-        trainable = default_trainable(model)
+        built = build(cfg, DataInfo.of(ds), jax.random.key(0))
+        model, trainable = built.model, built.trainable
         opt = make_optimizer(cfg)
         opt_state = opt.init(eqx.filter(model, trainable))
         x, y = jnp.asarray(x_np), jnp.asarray(y_np)

@@ -161,7 +161,7 @@ def monitor_step_times(width: int, depth: int, batch: int, ds: Any, *, repeats: 
     """Interleaved medians of the jitted training step with ("on") and without ("off") the monitors.
 
     Residual LN-MLP of the given size on ``ds`` (mnist1d), both steps from
-    ``train.make_train_step`` on the same batch, each advancing its own copy of the training state.
+    ``gradsparse.step.make_train_step`` on the same batch, each advancing its own copy of the training state.
     Returns (``interleaved_medians`` result, number of parameters).
     """
     import equinox as eqx
@@ -169,11 +169,13 @@ def monitor_step_times(width: int, depth: int, batch: int, ds: Any, *, repeats: 
     import jax.numpy as jnp
 
     from gradsparse.config import TrainConfig
-    from gradsparse.train import DataInfo, build_model, default_trainable, make_optimizer, make_train_step
+    from gradsparse.data import DataInfo
+    from gradsparse.factory import build, make_optimizer
+    from gradsparse.step import make_train_step
 
     cfg = TrainConfig(width=width, depth=depth, batch_size=batch)
-    model = build_model(cfg, DataInfo.of(ds), jax.random.key(0))
-    trainable = default_trainable(model)
+    built = build(cfg, DataInfo.of(ds), jax.random.key(0))
+    model, trainable = built.model, built.trainable
     n_params = sum(int(a.size) for a in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array)))
     opt = make_optimizer(cfg)
     opt_state = opt.init(eqx.filter(model, trainable))

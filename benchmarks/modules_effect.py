@@ -25,7 +25,7 @@ import time
 
 from gradsparse.config import TrainConfig
 from gradsparse.data import load_dataset
-from gradsparse.modules import sparsify
+from gradsparse.factory import finetune_start
 from gradsparse.runtime import enable_compilation_cache
 from gradsparse.train import train
 
@@ -53,13 +53,13 @@ def run(seeds: list[int], steps: int, ft_steps: int, lr: float, wd: float, width
         rows.append(_row("scratch/modules", seed, mods, time.time() - t))
         ft_cfg = cfg.replace(steps=ft_steps)
         t = time.time()
-        control = train(ft_cfg, None, dataset=ds, model=vanilla.model, progress=False)
+        start, opts = finetune_start(vanilla.model, ft_cfg)
+        control = train(ft_cfg.replace(surgery=opts), None, dataset=ds, start=start, progress=False)
         rows.append(_row("finetune/control", seed, control, time.time() - t))
-        s = sparsify(vanilla.model, zeroth_bias=True, restricted_ln=True, jsrelu=True, t_up=ft_steps // 2,
-                     t_mix=ft_steps // 2)
+        start, opts = finetune_start(vanilla.model, ft_cfg, zeroth_bias=True, restricted_ln=True, jsrelu=True,
+                                     t_up=ft_steps // 2, t_mix=ft_steps // 2)
         t = time.time()
-        ft = train(ft_cfg, None, dataset=ds, model=s.model, trainable=s.trainable, projections=s.projections,
-                   progress=False)
+        ft = train(ft_cfg.replace(surgery=opts), None, dataset=ds, start=start, progress=False)
         rows.append(_row("finetune/modules", seed, ft, time.time() - t))
         for r in rows[-4:]:
             print(f"  seed {r['seed']} {r['condition']:<17} density {r['density']:.3f} "

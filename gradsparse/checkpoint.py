@@ -26,6 +26,8 @@ from typing import Any
 import equinox as eqx
 import jax
 
+from gradsparse._validate import check_int
+from gradsparse.factory import skeleton_from_header
 from gradsparse.io import atomic_write_bytes
 
 FORMAT = "gradsparse-checkpoint-1"
@@ -34,8 +36,7 @@ _NAME = re.compile(r"^step_(\d{8,})\.eqx$")
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
     """``run_dir/checkpoints/step_{step:08d}.eqx`` (the state after ``step`` optimizer updates)."""
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+    check_int("step", step, 0)
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}.eqx"
 
 
@@ -169,8 +170,6 @@ def read_leaves(path: str | os.PathLike, model_like: Any, opt_like: Any | None
 
 def load_checkpoint(path: str | os.PathLike, *, with_opt_state: bool = True) -> tuple[Any, Any, dict[str, Any]]:
     """(model, opt_state or None, header) from a checkpoint file or run folder."""
-    from gradsparse.train import skeleton_from_header
-
     path = resolve(path)
     header = read_header(path)
     model_like, opt_like = skeleton_from_header(header)

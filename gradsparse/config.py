@@ -5,19 +5,18 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from gradsparse._validate import check_bool, check_choice, check_float, check_int
 from gradsparse.activations import get_activation
 from gradsparse.data import DATASETS
+from gradsparse.plugins.noise import NOISE_KINDS, NOISE_PER
+from gradsparse.plugins.zeroth_bias import PLACEMENTS
 
 MODELS = ("mlp", "vit", "lm")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
-NOISE_KINDS = ("none", "synapse", "exact")
-NOISE_PER = ("sample", "batch")
-PLACEMENTS = ("input", "output")
 #: datasets that read ``data_path`` (the others are generated)
 PATH_DATASETS = ("fashion_mnist", "text")
 #: largest number of MLP/attention weights a config may ask for (about 8 GiB of float32 parameters)
@@ -48,6 +47,9 @@ class TrainConfig:
     ``track_covariance`` (SPEC 3.3 accumulations).
     Placement: ``data_parallel`` shards each batch over all visible devices when the batch size
     divides evenly (``gradsparse.parallel.DataParallel.auto``); False keeps one device.
+    Finetuning: ``surgery`` holds the options of :func:`gradsparse.plugins.sparsify` that were
+    applied to the parent model (None for a run from scratch); ``parent`` names the parent
+    checkpoint (provenance only).
     """
 
     model: str = "mlp"
@@ -88,7 +90,8 @@ class TrainConfig:
     zeroth_bias_clip: float = 0.1
     restricted_ln: bool = False
     data_parallel: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    surgery: dict[str, Any] | None = None
+    parent: str | None = None
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> "TrainConfig":
@@ -100,17 +103,17 @@ class TrainConfig:
         ``warmup`` < ``steps`` and, with the cosine schedule, ``steps`` > max(warmup, 1); the
         blocks hold at most :data:`MAX_PARAMS` weights (depth * (2 r d^2 [+ 4 d^2 attention]));
         model and data fit together; ``data_path`` only for the datasets that read a file;
-        ``n_train``/``n_test`` not for text; ``extra`` is JSON. Checks that need the data
+        ``n_train``/``n_test`` not for text; ``surgery`` is a JSON mapping or null. Checks that need the data
         (batch_size <= training examples, patch divides the image, seq_len fits the text) run
         in ``train`` before anything is written.
         """
-        _choice("model", self.model, MODELS)
-        _choice("data", self.data, DATASETS)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("weight_noise", self.weight_noise, NOISE_KINDS)
-        _choice("noise_per", self.noise_per, NOISE_PER)
-        _choice("zeroth_bias_placement", self.zeroth_bias_placement, PLACEMENTS)
+        check_choice("model", self.model, MODELS)
+        check_choice("data", self.data, DATASETS)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("weight_noise", self.weight_noise, NOISE_KINDS)
+        check_choice("noise_per", self.noise_per, NOISE_PER)
+        check_choice("zeroth_bias_placement", self.zeroth_bias_placement, PLACEMENTS)
         if not isinstance(self.activation, str):
             raise ValueError(f"activation: must be a name string, got {self.activation!r}")
         try:
@@ -121,7 +124,7 @@ class TrainConfig:
             v = getattr(self, name)
             if v is None and name in ("n_train", "n_test"):
                 continue
-            _int_in(name, v, lo, hi)
+            check_int(name, v, lo, hi)
         if self.data_path is not None:
             if not isinstance(self.data_path, str) or not self.data_path:
                 raise ValueError(f"data_path: must be a non-empty path string or null, got {self.data_path!r}")
@@ -133,11 +136,9 @@ class TrainConfig:
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name}: does not apply to data 'text' (the text is cut 90/10 by bytes)")
         for name in ("lr", "momentum", "weight_decay", "grad_clip", "rho", "zeroth_bias_clip"):
-            _nonnegfloat(name, getattr(self, name))
-        if self.lr == 0:
-            raise ValueError("lr: must be > 0")
-        if self.momentum >= 1:
-            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum}")
+            check_float(name, getattr(self, name), 0)
+        check_float("lr", self.lr, 0, lo_open=True)
+        check_float("momentum", self.momentum, 0, 1, hi_open=True)
         if self.width % self.heads and self.model != "mlp":
             raise ValueError(f"heads: {self.heads} does not divide width {self.width}")
         if self.warmup >= self.steps and self.warmup > 0:
@@ -150,21 +151,24 @@ class TrainConfig:
             raise ValueError(f"width/depth/mlp_ratio: the blocks would hold about {n_params:.3g} weights, more than "
                              f"the limit {MAX_PARAMS:.3g} (2^31); use a smaller width, depth or mlp_ratio")
         for name in ("ln_affine", "residual", "track_covariance", "zeroth_bias", "restricted_ln", "data_parallel"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
         if self.model == "lm" and self.data != "text":
             raise ValueError(f"model 'lm' trains on data 'text', got data {self.data!r}")
         if self.model != "lm" and self.data == "text":
             raise ValueError(f"data 'text' is for model 'lm', got model {self.model!r}")
         if self.model == "vit" and self.data not in ("fashion_mnist",):
             raise ValueError(f"model 'vit' needs image data (fashion_mnist), got {self.data!r}")
-        if not isinstance(self.extra, dict) or not all(isinstance(k, str) for k in self.extra):
-            raise ValueError(f"extra: must be a mapping with string keys, got {self.extra!r}")
-        try:
-            json.dumps(self.extra, allow_nan=False)
-        except (TypeError, ValueError, RecursionError):
-            raise ValueError("extra: must hold only JSON values (numbers, strings, booleans, null, lists, "
-                             "mappings) and no NaN/inf") from None
+        if self.surgery is not None:
+            if not isinstance(self.surgery, dict) or not all(isinstance(k, str) for k in self.surgery):
+                raise ValueError(f"surgery: got {self.surgery!r}; allowed: null or a mapping with string keys "
+                                 "(the options gradsparse.plugins.sparsify records)")
+            try:
+                json.dumps(self.surgery, allow_nan=False)
+            except (TypeError, ValueError, RecursionError):
+                raise ValueError("surgery: holds a value that is not JSON; allowed: numbers, strings, booleans, "
+                                 "null, lists, mappings, no NaN/inf") from None
+        if self.parent is not None and not isinstance(self.parent, str):
+            raise ValueError(f"parent: got {self.parent!r}; allowed: null or a checkpoint path string")
         return self
 
     # ---------------------------------------------------------------- (de)serialisation
@@ -211,18 +215,3 @@ def check_resumable(stored: TrainConfig, cfg: TrainConfig, where: str = "the run
     if cfg.steps != stored.steps and stored.schedule == "cosine":
         raise ValueError(f"steps: {where} uses schedule 'cosine', whose learning rate at every step depends on "
                          f"steps ({stored.steps}); it cannot be extended to {cfg.steps}")
-
-
-def _choice(name: str, v: Any, allowed: tuple[str, ...]) -> None:
-    if v not in allowed:
-        raise ValueError(f"{name}: unknown value {v!r}; allowed: {', '.join(allowed)}")
-
-
-def _int_in(name: str, v: Any, lo: int, hi: int) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise ValueError(f"{name}: must be an integer in [{lo}, {hi}], got {v!r}")
-
-
-def _nonnegfloat(name: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name}: must be a finite number >= 0, got {v!r}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import math
 import os
 import struct
@@ -30,6 +31,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from gradsparse._validate import check_choice, check_int
 
 DATASETS = ("mnist1d", "random_labels", "random_inputs", "fashion_mnist", "text")
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -194,11 +197,10 @@ def load_text(path: str | os.PathLike | None = None, max_bytes: int = 4_000_000)
 def load_dataset(name: str, *, seed: int = 0, path: str | os.PathLike | None = None,
                  n_train: int | None = None, n_test: int | None = None) -> Dataset:
     """Load a dataset by name (see module docstring). ``n_train``/``n_test`` truncate the splits."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    check_choice("data", name, DATASETS)
     for label, n in (("n_train", n_train), ("n_test", n_test)):
-        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-            raise ValueError(f"{label} must be a positive int, got {n!r}")
+        if n is not None:
+            check_int(label, n, 1)
     rng = _rng_from_seed(seed)
     if name in ("mnist1d", "random_labels"):
         ds = make_mnist1d(seed=seed)
@@ -268,3 +270,91 @@ def get_batch(ds: Dataset, key: jax.Array, step: int, batch_size: int, *, split:
         return w[:, :-1], w[:, 1:]
     idx = np.asarray(batch_indices(key, xs.shape[0], min(batch_size, xs.shape[0]), step))
     return xs[idx], ys[idx]
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model needs to know about its data (stored in checkpoint headers)."""
+
+    kind: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    @staticmethod
+    def of(ds: Dataset) -> "DataInfo":
+        return DataInfo(ds.kind, tuple(int(s) for s in ds.input_shape), int(ds.num_classes))
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "input_shape": list(self.input_shape), "num_classes": self.num_classes}
+
+    @staticmethod
+    def from_dict(d: dict) -> "DataInfo":
+        """Inverse of :meth:`to_dict`; ValueError for a malformed or impossible description."""
+        try:
+            info = DataInfo(str(d["kind"]), tuple(int(v) for v in d["input_shape"]), int(d["num_classes"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"data_info: malformed ({type(e).__name__}: {e}); allowed: a mapping with kind, "
+                             "input_shape and num_classes") from None
+        if any(v < 1 for v in info.input_shape) or info.num_classes < 1 or info.kind not in ("vector", "image", "text"):
+            raise ValueError(f"data_info: impossible description {d!r}; allowed: kind vector|image|text, "
+                             "positive input_shape and num_classes")
+        return info
+
+
+class Batcher:
+    """Host-side training batches, a pure function of (key, step): the same examples as
+    :func:`get_batch` (``split='train'``), with each epoch's permutation computed once.
+
+    ``batcher(step) -> (x, y)``; for text, x and y are (B, seq_len) windows and their next bytes.
+    """
+
+    def __init__(self, ds: Dataset, key: jax.Array, batch_size: int, seq_len: int):
+        self.ds, self.key, self.bs, self.seq_len = ds, key, batch_size, seq_len
+        if ds.kind != "text" and batch_size > ds.n_train:
+            raise ValueError(f"batch_size {batch_size} exceeds the {ds.n_train} training examples; "
+                             f"allowed: at most {ds.n_train}")
+        if ds.kind == "text" and ds.x_train.shape[0] < seq_len + 2:
+            raise ValueError(f"seq_len {seq_len} needs at least {seq_len + 2} bytes of training text, "
+                             f"the text has {ds.x_train.shape[0]}")
+        self._epoch, self._perm = -1, None
+        self._text_dev = jnp.asarray(ds.x_train) if ds.kind == "text" else None
+
+    def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.ds.kind == "text":
+            w = np.asarray(text_windows(self.key, self._text_dev, self.bs, self.seq_len, step))
+            return w[:, :-1], w[:, 1:]
+        per_epoch = self.ds.n_train // self.bs
+        epoch, pos = divmod(step, per_epoch)
+        if epoch != self._epoch:
+            self._perm = np.asarray(epoch_permutation(self.key, epoch, self.ds.n_train))
+            self._epoch = epoch
+        idx = self._perm[pos * self.bs:(pos + 1) * self.bs]
+        return self.ds.x_train[idx], self.ds.y_train[idx]
+
+
+def heldout_batch(ds: Dataset, n: int, seq_len: int, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """THE held-out batch of a run: the first ``n`` test examples (at most all of them), or, for
+    text, ``n`` windows of the held-out text drawn with ``key`` (the run's ``heldout`` key,
+    :class:`gradsparse.factory.RunKeys`). Monitors, final evaluation and checks all use this one."""
+    if ds.kind == "text":
+        if ds.x_test.shape[0] < seq_len + 2:
+            raise ValueError(f"seq_len {seq_len} needs at least {seq_len + 2} bytes of held-out text, the held-out "
+                             f"10% of the text has {ds.x_test.shape[0]}")
+        w = np.asarray(text_windows(key, jnp.asarray(ds.x_test), n, seq_len, 0))
+        return w[:, :-1], w[:, 1:]
+    n = min(n, ds.x_test.shape[0])
+    return ds.x_test[:n], ds.y_test[:n]
+
+
+def data_sha256(ds: Dataset) -> str:
+    """SHA-256 over a dataset's name, kind, classes and the dtype, shape and bytes of its four arrays.
+
+    Stored in checkpoints and ``meta.json``; a resumed run refuses data with another digest
+    (a changed ``data_path`` file would otherwise silently break the resumed run's equality).
+    """
+    h = hashlib.sha256(f"{ds.name}|{ds.kind}|{ds.num_classes}".encode())
+    for a in (ds.x_train, ds.y_train, ds.x_test, ds.y_test):
+        a = np.ascontiguousarray(a)
+        h.update(f"|{a.dtype.str}{a.shape}|".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()

@@ -9,12 +9,10 @@ file per format (PNG, plus PDF by default) atomically via :func:`gradsparse.figu
 - :func:`plot_curves`: ``{label: (steps, values)}`` line plot (one line per label).
 - :func:`plot_bands`: ``{label: (steps, [values per seed])}``: mean line with a min-max band.
 - :func:`plot_bars`: grouped bars ``{group: {label: [values per seed]}}``: bar = mean, dots = seeds.
-- :func:`readme_figures`: the figures the README shows, from a check report folder's series.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -24,7 +22,7 @@ import numpy as np
 
 from gradsparse.figures_spectra import FORMATS, save_figure
 
-__all__ = ["plot_curves", "plot_bands", "plot_bars", "readme_figures", "README_FIGURES"]
+__all__ = ["plot_curves", "plot_bands", "plot_bars"]
 
 
 def _new_figure(figsize: tuple[float, float] = (6.4, 4.0)) -> Any:
@@ -131,53 +129,3 @@ def plot_bars(groups: Mapping[str, Mapping[str, Sequence[float]]], out: str | os
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
     return save_figure(fig, out, formats)
-
-
-# ---------------------------------------------------------------------------------------- README
-#: README figure name -> (check slug whose series it draws, what it shows)
-README_FIGURES: dict[str, tuple[str, str]] = {
-    "sparsity_weight_noise": ("g12_weight_noise_transformer",
-                              "density over training of a small Transformer with and without weight noise"),
-    "esd_key_mp": ("g07_spectral_concentration", "ESD of a trained key matrix against the Marchenko-Pastur law"),
-    "modules_effect": ("g10_modules_from_scratch", "density and accuracy of each sparsity module vs vanilla"),
-    "density_emergence": ("g03_sparsity_emerges", "density over training of the baseline residual MLP"),
-}
-
-
-def load_series(report_dir: str | os.PathLike, slug: str) -> dict[str, Any]:
-    """The series a check saved in ``report_dir/series/<slug>.json``."""
-    p = Path(report_dir) / "series" / f"{slug}.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"{p} does not exist (run `gradsparse check` with that check into {report_dir})")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p} is not valid JSON ({e})") from None
-
-
-def readme_figures(report_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                   formats: Sequence[str] = FORMATS) -> dict[str, list[Path] | str]:
-    """Draw the README figures from a check report folder (its ``series/*.json``).
-
-    Returns {figure name: written paths, or the reason it was skipped (series missing/empty)}.
-    """
-    import importlib
-
-    out_dir = Path(out_dir)
-    done: dict[str, list[Path] | str] = {}
-    for name, (slug, _) in README_FIGURES.items():
-        try:
-            ser = load_series(report_dir, slug)
-        except FileNotFoundError as e:
-            done[name] = f"skipped: {e}"
-            continue
-        if not ser:
-            done[name] = f"skipped: {slug} saved no series (check not measured)"
-            continue
-        mod = importlib.import_module(f"theory_checks.{slug}")
-        draw = getattr(mod, "readme_figure", None)
-        if draw is None:
-            done[name] = f"skipped: theory_checks.{slug} draws no README figure"
-            continue
-        done[name] = draw(ser, out_dir / name, formats)
-    return done

@@ -27,7 +27,6 @@ __all__ = [
     "plot_esd",
     "plot_ratio_vs_step",
     "plot_near_zero_vs_step",
-    "plot_anisotropy_vs_width",
     "plot_bounds_vs_step",
     "series_from_rows",
 ]
@@ -245,28 +244,6 @@ def plot_near_zero_vs_step(
     return _series_plot(series, out, xlabel="step", ylabel="near-zero rate of W W^T", what="plot_near_zero_vs_step",
                         hlines=None if floor is None else {"rank bound 1 - min/rows": floor}, title=title,
                         formats=formats)
-
-
-def plot_anisotropy_vs_width(
-    widths: Any,
-    values: Any,
-    out: str | os.PathLike,
-    *,
-    ylabel: str = "relative anisotropy",
-    title: str | None = None,
-    formats: Sequence[str] = FORMATS,
-) -> list[Path]:
-    """Relative anisotropy (or any metric) vs width, log x. ``values``: one sequence aligned with
-    ``widths`` or ``{label: sequence}``."""
-    w = np.asarray(widths, dtype=np.float64).ravel()
-    if w.size == 0:
-        raise ValueError("plot_anisotropy_vs_width needs at least one width")
-    if isinstance(values, Mapping):
-        series = {k: (w, v) for k, v in values.items()}
-    else:
-        series = {ylabel: (w, values)}
-    return _series_plot(series, out, xlabel="width", ylabel=ylabel, what="plot_anisotropy_vs_width",
-                        logx=bool(np.all(w > 0)), title=title, formats=formats)
 
 
 def plot_bounds_vs_step(

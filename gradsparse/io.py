@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 
 _MODE = 0o644
 
@@ -62,16 +64,30 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], None]) ->
     return path
 
 
-def _json_default(o: Any) -> Any:
-    try:
-        import numpy as np
+def json_ready(o: Any) -> Any:
+    """``o`` as strict JSON data: NaN/inf -> None, numpy scalars and arrays -> Python numbers and
+    lists, tuples -> lists, mapping keys -> strings."""
+    if isinstance(o, dict):
+        return {str(k): json_ready(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [json_ready(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return [json_ready(v) for v in o.tolist()]
+    if isinstance(o, (np.floating, float)):
+        f = float(o)
+        return f if math.isfinite(f) else None
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.bool_):
+        return bool(o)
+    return o
 
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
     if hasattr(o, "tolist"):
         return o.tolist()
     if isinstance(o, Path):

@@ -19,6 +19,8 @@ seed); each process then contributes the rows of its own devices.
 
 from __future__ import annotations
 
+from gradsparse._validate import check_bool, check_int
+
 import warnings
 from typing import Any, Sequence
 
@@ -63,10 +65,8 @@ class DataParallel:
         ``batch_size`` is divisible by the device count. When the batch does not divide evenly a
         warning says so and training runs on the first device.
         """
-        if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not isinstance(enabled, bool):
-            raise ValueError(f"enabled must be True or False, got {enabled!r}")
+        batch_size = check_int("batch_size", int(batch_size) if isinstance(batch_size, np.integer) else batch_size, 1)
+        check_bool("enabled", enabled)
         devs = list(devices) if devices is not None else list(jax.devices())
         if not devs:
             raise ValueError("no devices to run on")

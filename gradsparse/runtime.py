@@ -6,10 +6,39 @@ import os
 from pathlib import Path
 
 
+def cache_root() -> Path:
+    """$GRADSPARSE_CACHE, else ~/.cache/gradsparse (compiled code, generated datasets)."""
+    return Path(os.environ.get("GRADSPARSE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gradsparse"))
+
+
 def compilation_cache_dir() -> Path:
-    """$GRADSPARSE_CACHE/jax, else ~/.cache/gradsparse/jax."""
-    root = os.environ.get("GRADSPARSE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gradsparse")
-    return Path(root) / "jax"
+    """``cache_root()/jax``."""
+    return cache_root() / "jax"
+
+
+#: clear JAX's caches when the process holds more memory maps than this (the kernel's default
+#: limit vm.max_map_count is 65530; every compiled executable holds ~300 maps and JAX keeps them
+#: cached, so ~40 training runs in one process exhaust it and LLVM fails with "Cannot allocate memory")
+MAX_MAPS = 20000
+
+
+def release_compiled_code(force: bool = False) -> bool:
+    """``jax.clear_caches()`` when the process's memory maps exceed :data:`MAX_MAPS` (or ``force``).
+
+    Where /proc/self/maps cannot be read, clears every time. Returns whether it cleared.
+    """
+    import jax  # here, not at the top: `gradsparse --help` imports this module and stays fast
+
+    if not force:
+        try:
+            with open("/proc/self/maps", "rb") as f:
+                n = sum(1 for _ in f)
+        except OSError:
+            n = MAX_MAPS + 1
+        if n <= MAX_MAPS:
+            return False
+    jax.clear_caches()
+    return True
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:
@@ -21,7 +50,7 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
     """
     if os.environ.get("GRADSPARSE_NO_COMPILE_CACHE"):
         return None
-    import jax
+    import jax  # here, not at the top: `gradsparse --help` imports this module and stays fast
 
     folder = Path(path) if path is not None else compilation_cache_dir()
     try:

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 
 from gradsparse import cli
-from theory_checks import common
-from theory_checks.common import (VERDICTS, Check, Context, Finding, Unavailable, Verdict, bound_verdict, combine,
-                                  effect_verdict, get_checks)
+from theory_checks import context as common
+from theory_checks import suite
+from theory_checks.context import Context
+from theory_checks.protocol import PRESETS, Check, Finding, Unavailable
+from theory_checks.suite import get_checks
+from theory_checks.verdicts import VERDICTS, Verdict, bound_verdict, combine, effect_verdict
 
 
 # ------------------------------------------------------------------------------------------ verdict rules
@@ -69,7 +72,7 @@ def test_check_registry_and_aliases():
     checks = get_checks()
     assert [c.name for c in checks] == [f"G{i}" for i in range(1, 15)]
     for c in checks:
-        assert c.claim.strip() and c.rule.strip() and set(c.presets) == set(common.PRESETS)
+        assert c.claim.strip() and c.rule.strip() and set(c.presets) == set(PRESETS)
     assert [c.name for c in get_checks(["g3", "G03", "3", "g03_sparsity_emerges", "G1"])] == ["G1", "G3"]
     with pytest.raises(ValueError, match="unknown check"):
         get_checks(["G15"])
@@ -154,11 +157,11 @@ def test_g09_cov_stats_isotropic_gaussian_fits_mp():
 # ------------------------------------------------------------------------------------------ runner
 def _fake_check(run, name="G99"):
     return Check(name=name, slug=f"g99_fake_{name.lower()}", title="fake", claim="a fake claim", rule="a fake rule",
-                 presets={p: {} for p in common.PRESETS}, run=run)
+                 presets={p: {} for p in PRESETS}, run=run)
 
 
 def test_runner_records_crashes_and_unavailable(tmp_path, monkeypatch):
-    from gradsparse.commands.check import run_checks
+    from theory_checks.suite import run_checks
 
     def boom(ctx, p):
         raise RuntimeError("deliberate failure")
@@ -180,7 +183,7 @@ def test_runner_records_crashes_and_unavailable(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "report.json").read_text())
     assert [r["name"] for r in data["results"]] == ["G97", "G98", "G99"]
     # the CLI exits 1 when a check crashed
-    monkeypatch.setattr(common, "get_checks", lambda names=None: [checks[0]])
+    monkeypatch.setattr(suite, "get_checks", lambda names=None: [checks[0]])
     assert cli.main(["check", "--preset", "smoke", "--out", str(tmp_path / "cli"), "--quiet"]) == 1
 
 

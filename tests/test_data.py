@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from gradsparse.data import batch_indices, get_batch, load_dataset, load_fashion_mnist, load_text
+from gradsparse.data import Batcher, batch_indices, get_batch, load_dataset, load_fashion_mnist, load_text
 
 
 def _idx(arr: np.ndarray) -> bytes:
@@ -102,11 +102,9 @@ def test_unknown_dataset():
 
 def test_training_batches_equal_get_batch():
     """The training loop's cached batcher serves exactly the examples of data.get_batch for every step."""
-    from gradsparse.train import _Batcher
-
     ds = load_dataset("random_inputs", seed=0, n_train=50, n_test=10)
     key = jax.random.key(7)
-    b = _Batcher(ds, key, 8, 32)
+    b = Batcher(ds, key, 8, 32)
     for step in (0, 1, 5, 6, 7, 13):  # 6 batches per epoch: crosses two epoch boundaries
         x1, y1 = b(step)
         x2, y2 = get_batch(ds, key, step, 8)

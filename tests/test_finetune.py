@@ -11,8 +11,10 @@ from gradsparse.cli import main
 from gradsparse.commands.finetune import parse_modules
 from gradsparse.config import TrainConfig
 from gradsparse.data import load_dataset
-from gradsparse.modules import SynapseNoise
-from gradsparse.train import _final_eval, train
+from gradsparse.plugins import SynapseNoise
+from gradsparse.factory import RunKeys
+from gradsparse.step import final_eval
+from gradsparse.train import train
 
 # log_every=1: every step is a monitored step, so only one train step is compiled per run
 CFG = TrainConfig(width=16, depth=2, mlp_ratio=2, steps=12, batch_size=32, n_train=256, n_test=128, log_every=1,
@@ -35,9 +37,9 @@ def test_finetune_cli_end_to_end_and_reload(parent, tmp_path, capsys):
     assert rc == 0
     assert "density" in printed and "test accuracy" in printed and "zeroth_bias" in printed
     model, header = load_model(out)
-    assert header["parent"].endswith("step_00000012.eqx")
-    assert header["surgery"]["modules"] == ["zeroth_bias", "restricted_ln", "jsrelu", "noise", "lora"]
-    assert header["config"]["steps"] == 5 and header["config"]["weight_noise"] == "synapse"
+    assert header["config"]["parent"].endswith("step_00000012.eqx")
+    assert header["config"]["surgery"]["modules"] == ["zeroth_bias", "restricted_ln", "jsrelu", "noise", "lora"]
+    assert header["config"]["steps"] == 5 and header["config"]["surgery"]["noise"] == "synapse"
     parent_model, _ = load_model(parent)
     for b, pb in zip(model.blocks, parent_model.blocks):
         assert isinstance(b.act, Mixed) and float(b.act.k) == 1.0          # 5 updates >= T_mix = 4
@@ -51,7 +53,7 @@ def test_finetune_cli_end_to_end_and_reload(parent, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     cfg = TrainConfig.from_dict(header["config"])
     ds = load_dataset(cfg.data, seed=cfg.seed, n_train=cfg.n_train, n_test=cfg.n_test)
-    assert _final_eval(model, None, ds, cfg)["test_accuracy"] == summary["test_accuracy"]
+    assert final_eval(model, ds, cfg.seq_len, RunKeys.of(cfg.seed).heldout)["test_accuracy"] == summary["test_accuracy"]
     _, opt_state, _ = load_checkpoint(out)
     assert opt_state is not None
     # a finetuned checkpoint is not finetuned again

@@ -7,7 +7,7 @@ import pytest
 
 from gradsparse.activations import ReLU
 from gradsparse.models import ByteLM, LayerNorm, MLPBlock, ResidualMLP, ViT, zero_probes
-from gradsparse.train import loss_fn
+from gradsparse.step import loss_fn
 
 
 def test_layernorm_norm_without_affine_is_d():

@@ -11,10 +11,12 @@ import gradsparse
 from gradsparse.activations import JSReLU, Mixed, ReLU
 from gradsparse.config import TrainConfig
 from gradsparse.models import Dense, LayerNorm, ResidualMLP, ViT, zero_probes
-from gradsparse.modules import ExactWeightNoise, SynapseNoise, configure, sparsify_from_options
-from gradsparse.modules.restricted_ln import signed_floor
-from gradsparse.modules.schedules import ramp
-from gradsparse.train import default_trainable, make_optimizer, make_train_step
+from gradsparse.plugins import ExactWeightNoise, SynapseNoise, configure, replay_options
+from gradsparse.plugins.restricted_ln import signed_floor
+from gradsparse.plugins.schedules import ramp
+from gradsparse.factory import make_optimizer
+from gradsparse.models import default_trainable
+from gradsparse.step import make_train_step
 
 
 _make_mlp = eqx.filter_jit(lambda key: ResidualMLP.create(key, 6, 3, width=8, depth=2, mlp_ratio=2))
@@ -92,10 +94,10 @@ def test_signed_floor_and_ramp():
     assert float(ramp(0, 0)) == 1.0
 
 
-def _run_steps(model, trainable, projections, steps, lr=0.5, noise=False):
+def _run_steps(model, trainable, projections, steps, lr=0.5):
     cfg = TrainConfig(lr=lr, steps=steps)
     opt = make_optimizer(cfg)
-    step = make_train_step(opt, trainable, projections, monitors=False, noise=noise)
+    step = make_train_step(opt, trainable, projections, monitors=False)
     opt_state = opt.init(eqx.filter(model, trainable))
     xs = np.random.default_rng(7).standard_normal((steps, 16, 6)).astype(np.float32)
     for s in range(steps):
@@ -273,7 +275,8 @@ def test_noise_validation():
 def test_replay_gives_same_structure_and_mask():
     kw = dict(zeroth_bias=True, restricted_ln=True, jsrelu=True, lora=True, noise="exact", lora_rank=2)
     res = gradsparse.sparsify(_trained_like(_mlp()), **kw)
-    m2, mask2 = sparsify_from_options(_mlp(seed=3), res.options)
+    _r = replay_options(_mlp(seed=3), res.options)
+    m2, mask2 = _r.model, _r.trainable
     assert jax.tree_util.tree_structure(m2) == jax.tree_util.tree_structure(res.model)
     assert jax.tree_util.tree_leaves(mask2) == jax.tree_util.tree_leaves(res.trainable)
     assert [l.shape for l in jax.tree_util.tree_leaves(m2)] == [l.shape for l in jax.tree_util.tree_leaves(res.model)]
@@ -281,11 +284,11 @@ def test_replay_gives_same_structure_and_mask():
 
     assert json.loads(json.dumps(res.options)) == res.options
     with pytest.raises(ValueError, match="unknown keys"):
-        sparsify_from_options(_mlp(), {**res.options, "bogus": 1})
+        replay_options(_mlp(), {**res.options, "bogus": 1})
 
 
 class UserBlock(eqx.Module):
-    """A user's own MLP block meeting the contract of gradsparse.modules.blocks."""
+    """A user's own MLP block meeting the contract of gradsparse.plugins.blocks."""
 
     ln: LayerNorm
     key: Dense
@@ -368,8 +371,9 @@ def test_sparsify_user_model():
     assert float(jnp.abs(model.layers[0].value.lora_b).max()) > 0
     # replay needs the same select
     with pytest.raises(ValueError, match="custom select"):
-        sparsify_from_options(_user_net(), res.options)
-    m2, _ = sparsify_from_options(_user_net(), res.options, select=select)
+        replay_options(_user_net(), res.options)
+    _r = replay_options(_user_net(), res.options, select=select)
+    m2, _ = _r.model, _r.trainable
     assert jax.tree_util.tree_structure(m2) == jax.tree_util.tree_structure(res.model)
 
 

@@ -11,7 +11,9 @@ from gradsparse.data import load_dataset
 from gradsparse.models import zero_probes
 from gradsparse.monitors import (activation_sparsity, augmented_flatness, gradient_sparsity, layer_metrics,
                                  sparsity_identity)
-from gradsparse.train import _grads, default_trainable, loss_fn, train
+from gradsparse.models import default_trainable
+from gradsparse.step import forward_backward, loss_fn
+from gradsparse.train import train
 
 
 def test_activation_sparsity_counts_near_zero_and_flat_value():
@@ -62,7 +64,7 @@ def test_sparsity_identity_on_trained_mlp_and_af_from_per_sample_gradients(train
     model, ds = trained_mlp
     x, y = jnp.asarray(ds.x_test[:64]), jnp.asarray(ds.y_test[:64])
     B = x.shape[0]
-    loss, acc, aux, gpar, gprobe = _grads(model, default_trainable(model), x, y, None)
+    loss, acc, aux, gpar, gprobe = forward_backward(model, default_trainable(model), x, y, None)
     for i, (blk, ax, pg) in enumerate(zip(model.mlp_blocks(), aux, gprobe)):
         m = layer_metrics(ax["x"], ax["z"], ax["a"], pg["a"], pg["y"], blk.key.weight, blk.act, B)
         assert float(m["identity_relerr"]) < 1e-5

@@ -18,7 +18,8 @@ from gradsparse.checkpoint import list_checkpoints, load_checkpoint, read_header
 from gradsparse.cli import main
 from gradsparse.config import TrainConfig
 from gradsparse.data import load_dataset
-from gradsparse.train import git_revision, train
+from gradsparse.runfolder import git_revision
+from gradsparse.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 # small enough for 2 cores; log every 3 steps, checkpoint every 5 (log and checkpoint grids differ)
@@ -101,6 +102,25 @@ def test_crash_then_resume_equals_uninterrupted(tmp_path, ds, refs, name):
     assert [r["from_step"] for r in meta["resumes"]] == [10]
     times = [json.loads(line)["time"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert times == sorted(times)  # elapsed time continues across the crash
+
+
+def test_crash_then_resume_with_covariance_tracking(tmp_path, ds):
+    """The covariance accumulators are checkpointed with the optimizer state: a run with
+    track_covariance resumes to the log, parameters and covariance.npz of an uninterrupted run."""
+    cfg = TrainConfig(**TINY, optimizer="sgd", lr=0.1, weight_decay=0.01, track_covariance=True)
+    ref = tmp_path / "ref"
+    train(cfg, ref, dataset=ds, progress=False)
+    run = tmp_path / "run"
+    with pytest.raises(Crash):
+        train(cfg, run, dataset=ds, progress=False, on_log=crash_at(12))
+    train(cfg, run, dataset=ds, progress=False, resume=True)
+    assert log_without_time(run) == log_without_time(ref)
+    assert "cov/x_participation_ratio" in log_without_time(run)[-1]
+    assert_same_state(run, ref)
+    a, b = np.load(run / "covariance.npz"), np.load(ref / "covariance.npz")
+    assert sorted(a.files) == sorted(b.files) and len(a.files) == 2 * cfg.depth + 1
+    for k in a.files:
+        np.testing.assert_array_equal(a[k], b[k])
 
 
 def test_killed_before_first_checkpoint_starts_over(tmp_path, ds, refs):
@@ -210,7 +230,7 @@ def _git(cwd, *args):
 
 @pytest.mark.skipif(subprocess.run(["git", "--version"], capture_output=True).returncode != 0, reason="no git")
 def test_git_revision_only_for_a_source_checkout(tmp_path, monkeypatch):
-    import gradsparse.train as tr
+    import gradsparse.runfolder as tr
 
     repo = tmp_path / "repo"
     (repo / "gradsparse").mkdir(parents=True)

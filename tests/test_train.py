@@ -11,7 +11,12 @@ from gradsparse.checkpoint import list_checkpoints, load_checkpoint, load_model
 from gradsparse.config import TrainConfig
 from gradsparse.data import Dataset, load_dataset
 from gradsparse.models import zero_probes
-from gradsparse.train import TrainingDiverged, make_optimizer, train
+from gradsparse.data import Batcher, DataInfo
+from gradsparse.factory import RunKeys, bare_model, make_optimizer
+from gradsparse.models import default_trainable
+from gradsparse.rmt import decay_rate
+from gradsparse.step import forward_backward
+from gradsparse.train import TrainingDiverged, train
 
 TINY = dict(steps=40, width=16, depth=2, batch_size=16, log_every=10, checkpoint_every=20, eval_batch=32)
 
@@ -114,18 +119,16 @@ def test_config_validation(changes, match):
 
 def test_covariance_tracking_matches_direct_accumulation(tmp_path, mnist):
     """C_x after T steps equals sum_t r^(T-1-t) mean_b x x^T recomputed from the logged batches' inputs."""
-    from gradsparse.rmt import decay_rate
-    from gradsparse.train import _Batcher, _grads, default_trainable
 
     cfg = TrainConfig(**{**TINY, "steps": 1, "checkpoint_every": 0, "log_every": 1}, optimizer="sgd", lr=0.1,
                       weight_decay=0.5, track_covariance=True)
     res = train(cfg, tmp_path, dataset=mnist, progress=False)
     cov = np.load(tmp_path / "covariance.npz")
     # one step: C_x = mean_b x x^T at the initial model (the accumulation sees the pre-update model)
-    from gradsparse.train import build_model, DataInfo
-    m0 = build_model(cfg, DataInfo.of(mnist), jax.random.split(jax.random.key(cfg.seed), 5)[0])
-    x, y = _Batcher(mnist, jax.random.split(jax.random.key(cfg.seed), 5)[1], cfg.batch_size, cfg.seq_len)(0)
-    _, _, aux, _, _ = _grads(m0, default_trainable(m0), jnp.asarray(x), jnp.asarray(y), None)
+    keys = RunKeys.of(cfg.seed)
+    m0 = bare_model(cfg, DataInfo.of(mnist), keys.model)
+    x, y = Batcher(mnist, keys.data, cfg.batch_size, cfg.seq_len)(0)
+    _, _, aux, _, _ = forward_backward(m0, default_trainable(m0), jnp.asarray(x), jnp.asarray(y), None)
     xs = np.asarray(aux[0]["x"])
     np.testing.assert_allclose(cov["Cx_0"], xs.T @ xs / xs.shape[0], rtol=1e-4, atol=1e-6)
     assert float(cov["N"]) == cfg.batch_size

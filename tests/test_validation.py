@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gradsparse.data as gdata
+import gradsparse.commands.train as train_cmd
 import gradsparse.train as gtrain
 from gradsparse.checkpoint import list_checkpoints, load_checkpoint
 from gradsparse.cli import build_parser, main
@@ -349,7 +350,7 @@ def test_train_command_never_tracebacks(tmp_path_factory, monkeypatch, data, fla
         calls.append(cfg)
         return gtrain.RunResult(None, None, out, [], {"train_time_s": 0.0, "test_accuracy": 0.5})
 
-    monkeypatch.setattr(gtrain, "train", fake_train)
+    monkeypatch.setattr(train_cmd, "train", fake_train)
     monkeypatch.setattr(gdata, "load_text", _cached_text)
     monkeypatch.setattr(gdata, "load_fashion_mnist", _cached_fashion)
     monkeypatch.setattr(gdata, "make_mnist1d", _fake_mnist1d)

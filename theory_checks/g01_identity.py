@@ -16,10 +16,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
-from theory_checks.common import (BASE, Check, Context, Finding, base_config, base_runs, bound_verdict, fmt, heldout,
-                                  mean_sd)
+from gradsparse.models import default_trainable
+from gradsparse.step import make_eval_fn
+from theory_checks.context import BASE, base_config, base_runs, Context, heldout
+from theory_checks.protocol import Check, Finding
+from theory_checks.verdicts import bound_verdict, fmt, mean_sd
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -30,11 +37,6 @@ def independent_identity(model: Any, x: np.ndarray, y: np.ndarray) -> list[dict[
     Returns a list (one per MLP block) of {'count': (B,), 'rhs': (B,), 'valid': (B,) bool}; a token
     is valid when it has an active unit and a non-zero gradient on it.
     """
-    import equinox as eqx
-    import jax
-    import jax.numpy as jnp
-    import optax
-
     blocks = model.mlp_blocks()
     if model.tokens_per_sample != 1:
         raise ValueError("independent_identity expects one token per sample (an MLP)")
@@ -67,8 +69,6 @@ def independent_identity(model: Any, x: np.ndarray, y: np.ndarray) -> list[dict[
 
 
 def run(ctx: Context, p: dict[str, Any]) -> Finding:
-    from gradsparse.train import default_trainable, make_eval_fn
-
     cfg0 = base_config(ctx.preset)
     max_err, mon_err, mean_gap, n_tokens = [], [], [], []
     for run_ in base_runs(ctx):

@@ -14,18 +14,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
-from theory_checks.common import (BASE, Check, Context, Finding, Unavailable, Verdict, base_config, base_runs,
-                                  bound_verdict, combine, fmt, heldout, plugins_available)
+from gradsparse.models import LayerNorm, ResidualMLP, zero_probes
+from theory_checks.context import BASE, base_config, base_runs, Context, heldout
+from theory_checks.protocol import Check, Finding, Unavailable
+from theory_checks.verdicts import bound_verdict, combine, fmt, Verdict
 
 
 def residual_streams(model: Any, x: np.ndarray) -> list[np.ndarray]:
     """The residual stream h_l (B, d) entering each block of a :class:`ResidualMLP`."""
-    import jax.numpy as jnp
-
-    from gradsparse.models import ResidualMLP, zero_probes
-
     if not isinstance(model, ResidualMLP) or not model.residual:
         raise ValueError("residual_streams needs a residual ResidualMLP")
     xx = jnp.asarray(x).reshape(x.shape[0], -1)
@@ -42,10 +41,6 @@ def residual_streams(model: Any, x: np.ndarray) -> list[np.ndarray]:
 
 
 def run(ctx: Context, p: dict[str, Any]) -> Finding:
-    import jax.numpy as jnp
-
-    from gradsparse.models import LayerNorm, zero_probes
-
     cfg = base_config(ctx.preset)
     x, _ = heldout(ctx, cfg, p["tokens"])
     # (a) non-affine LN on the residual streams of the trained baseline
@@ -70,7 +65,6 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
     measured = f"non-affine: max dev {fmt(max(dev_a))}, min ||LN||^2/d {fmt(min(ratio_a))}"
     # (b) restricted LN trained from scratch
     try:
-        plugins_available(restricted_ln=True)
         runs_b = base_runs(ctx, restricted_ln=True)
     except Unavailable as e:  # report it, keep part (a)
         parts["restricted_at_least_d"] = Verdict("INCONCLUSIVE", 0, len(ctx.seeds), str(e))

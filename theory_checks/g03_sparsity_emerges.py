@@ -3,7 +3,7 @@
 At initialisation about half of the ReLU units of a LN-ed MLP are active (density ~0.5). The claim
 is that training drives the density well below that, on the training batches and on held-out data
 alike (so it is not memorisation of the training set). Measured on the shared baseline (see
-``theory_checks.common.BASE``): density = fraction of activations with |a| > 1e-6, averaged over
+``theory_checks.context.BASE``): density = fraction of activations with |a| > 1e-6, averaged over
 blocks, at the first log (before any update) and at the end.
 """
 
@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from theory_checks.common import (BASE, Check, Context, Finding, base_config, base_runs, combine, effect_verdict, fmt,
-                                  mean_sd, series, start_end)
+from gradsparse.figures import plot_bands, plot_curves
+from theory_checks.context import BASE, base_config, base_runs, Context, series, start_end
+from theory_checks.protocol import Check, Finding
+from theory_checks.verdicts import combine, effect_verdict, fmt, mean_sd
 
 #: "well below": the density must fall by at least this much (absolute; 0.5 -> <= 0.4)
 MIN_DROP = 0.10
@@ -49,8 +51,6 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
 
 
 def figures(ser: dict[str, Any], out_dir) -> list:
-    from gradsparse.figures import plot_curves
-
     curves = {}
     for i, s in enumerate(ser["seeds"]):
         curves[f"train (seed {s})"] = (ser["steps"], ser["train"][i])
@@ -75,8 +75,6 @@ CHECK = Check(
 
 
 def readme_figure(ser: dict[str, Any], out, formats) -> list:
-    from gradsparse.figures import plot_bands
-
     bands = {"train batches": (ser["steps"], ser["train"]), "held-out batch": (ser["steps"], ser["heldout"])}
     return plot_bands(bands, out, ylabel="density (fraction of active units)", formats=formats,
                       title="Sparsity emerges: LN-ed residual MLP on mnist1d (band: min-max over seeds)")

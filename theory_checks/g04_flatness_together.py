@@ -14,9 +14,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from scipy.stats import spearmanr
 
-from theory_checks.common import (BASE, Check, Context, Finding, base_runs, combine, effect_verdict, mean_sd,
-                                  series, window_mean)
+from gradsparse.figures import plot_curves
+from theory_checks.context import BASE, base_runs, Context, series, window_mean
+from theory_checks.protocol import Check, Finding
+from theory_checks.verdicts import combine, effect_verdict, mean_sd
 
 MIN_FALL = 0.10
 MIN_RHO = 0.3
@@ -25,8 +28,6 @@ KEYS = {"trace_k": "flat/trace_k", "af_k": "train/af_k/mean", "eta_l2sq": "train
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation (average ranks for ties); NaN for fewer than 3 points."""
-    from scipy.stats import spearmanr
-
     a, b = np.asarray(a, float), np.asarray(b, float)
     if a.size < 3 or a.size != b.size:
         return float("nan")
@@ -65,8 +66,6 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
 
 
 def figures(ser: dict[str, Any], out_dir) -> list:
-    from gradsparse.figures import plot_curves
-
     def norm(v):
         v = np.asarray(v, float)
         return (v / np.nanmax(np.abs(v))).tolist() if np.nanmax(np.abs(v)) > 0 else v.tolist()

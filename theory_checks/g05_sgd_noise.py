@@ -19,8 +19,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from theory_checks.common import (BASE, Check, Context, Finding, base_config, combine, effect_verdict, end_value, fmt,
-                                  mean_sd, window_mean)
+from gradsparse.figures import plot_bars
+from theory_checks.context import BASE, base_config, Context, end_value, window_mean
+from theory_checks.protocol import Check, Finding
+from theory_checks.verdicts import combine, effect_verdict, fmt, mean_sd
 
 MIN_DENSITY = 0.02
 MIN_LOG_TRACE = 0.1
@@ -66,8 +68,6 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
 
 
 def figures(ser: dict[str, Any], out_dir) -> list:
-    from gradsparse.figures import plot_bars
-
     arms = ser["arms"]
     groups = {f"{a}\nlr {fmt(v['lr'])} B {v['batch_size']}": {"density": v["density"]} for a, v in arms.items()}
     paths = plot_bars(groups, out_dir / "g05_density", ylabel="final density", title="G5: SGD noise vs density")

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
-from theory_checks.common import (BASE, Check, Context, Finding, base_runs, combine, effect_verdict, end_value,
-                                  heldout, base_config, mean_sd, series)
+from gradsparse.figures import plot_bands
+from gradsparse.models import zero_probes
+from theory_checks.context import BASE, base_config, base_runs, Context, end_value, heldout, series
+from theory_checks.protocol import Check, Finding
+from theory_checks.verdicts import combine, effect_verdict, mean_sd
 
 MIN_RISE = 0.05
 SHIFTS = ((1.6, 1.6), (-1.6, 1.6), (1.6, -1.6), (-1.6, -1.6))
@@ -28,10 +32,6 @@ def act_name(h: float, sx: float, sy: float) -> str:
 
 
 def run(ctx: Context, p: dict[str, Any]) -> Finding:
-    import jax.numpy as jnp
-
-    from gradsparse.models import zero_probes
-
     parts, per_seed, ser = {}, {}, {"steps": None, "curves": {}}
     measured = []
     for sx, sy in SHIFTS[: p["shifts"]]:
@@ -59,8 +59,6 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
 
 
 def figures(ser: dict[str, Any], out_dir) -> list:
-    from gradsparse.figures import plot_bands
-
     bands = {k: (ser["steps"], v) for k, v in ser["curves"].items()}
     return plot_bands(bands, out_dir / "g06_deriv_sparsity", ylabel="fraction of z in the flat region",
                       title="G6: S-shaped activation, flat region (sigma' = 0) occupancy")

@@ -15,8 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from theory_checks.common import (BASE, Check, Context, Finding, base_config, base_runs, bound_verdict, combine,
-                                  end_value, init_model, mean_sd, series)
+from gradsparse.figures_spectra import FORMATS, plot_esd
+from gradsparse.spectra import spectrum_row
+from theory_checks.context import BASE, base_config, base_runs, Context, end_value, init_model, series
+from theory_checks.protocol import Check, Finding
+from theory_checks.verdicts import bound_verdict, combine, mean_sd
 
 MASS_OK, MASS_BAD = 10.0, 100.0      # one decade / two decades
 FRO_OK, FRO_BAD = 0.9, 0.5           # ||K||_F^2 end / start
@@ -24,19 +27,11 @@ GV_OK, GV_BAD = 0.1, 0.01            # ||g^V|| end / start
 
 
 def key_rows(model: Any, fit: bool = False, keep_sv: bool = False) -> list[Any]:
-    from gradsparse.spectra import spectrum_row
-
     return [spectrum_row(f"blocks.{i}.key", np.asarray(b.key.effective_weight()), fit=fit, keep_sv=keep_sv)
             for i, b in enumerate(model.mlp_blocks())]
 
 
 def run(ctx: Context, p: dict[str, Any]) -> Finding:
-    try:
-        import gradsparse.spectra  # noqa: F401
-    except ImportError as e:
-        from theory_checks.common import Unavailable
-
-        raise Unavailable(f"module gradsparse.spectra unavailable ({e})") from None
     cfg = base_config(ctx.preset)
     ds = ctx.data(cfg.data, cfg.n_train, cfg.n_test)
     runs = base_runs(ctx)
@@ -81,8 +76,6 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
 
 
 def _esd(ser: dict[str, Any], out, formats=None) -> list:
-    from gradsparse.figures_spectra import FORMATS, plot_esd
-
     return plot_esd(np.asarray(ser["eigs"]), out, fit=ser["fit"], c_pred=ser["c_iid"],
                     title=(f"Trained key matrix {ser['name']} ({ser['shape'][0]}x{ser['shape'][1]}, "
                            f"{ser['steps']} steps, seed {ser['seed']}): ESD of K^T K / n vs MP"),

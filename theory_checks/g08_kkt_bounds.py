@@ -24,10 +24,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
-from theory_checks.common import (BASE, Check, Context, Finding, base_config, base_runs, bound_verdict, combine,
-                                  heldout, init_model, mean_sd)
+from gradsparse.models import default_trainable
+from gradsparse.step import forward_backward
+from theory_checks.context import BASE, base_config, base_runs, Context, heldout, init_model
+from theory_checks.protocol import Check, Finding
+from theory_checks.verdicts import bound_verdict, combine, mean_sd
 
 BAND_OK, BAND_BAD = 0.8, 0.5
 REL_TOL = 1e-5
@@ -79,11 +83,7 @@ def bound_stats(K: np.ndarray, eta: np.ndarray, rtol: float | None = None) -> di
 
 def model_stats(model: Any, x: np.ndarray, y: np.ndarray) -> list[dict[str, float]]:
     """:func:`bound_stats` for every MLP block of ``model`` on (x, y)."""
-    import jax.numpy as jnp
-
-    from gradsparse.train import _grads, default_trainable
-
-    _, _, aux, _, g_probes = _grads(model, default_trainable(model), jnp.asarray(x), jnp.asarray(y), None)
+    _, _, aux, _, g_probes = forward_backward(model, default_trainable(model), jnp.asarray(x), jnp.asarray(y), None)
     out = []
     for blk, a, g in zip(model.mlp_blocks(), aux, g_probes):
         eta = np.asarray(g["a"]) * np.asarray(blk.act.deriv(a["z"]))

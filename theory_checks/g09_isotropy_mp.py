@@ -19,10 +19,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import equinox as eqx
+import jax.numpy as jnp
 import numpy as np
 
-from theory_checks.common import (BASE, Check, Context, Finding, Unavailable, base_config, base_runs, bound_verdict,
-                                  combine, fmt, init_model, mean_sd)
+from gradsparse.checkpoint import list_checkpoints, load_model
+from gradsparse.models import default_trainable
+from gradsparse.rmt import decay_rate, effective_samples, fit_mp, participation_ratio, relative_anisotropy
+from gradsparse.step import forward_backward
+from theory_checks.context import BASE, base_config, base_runs, Context, init_model
+from theory_checks.protocol import Check, Finding, Unavailable
+from theory_checks.verdicts import bound_verdict, combine, fmt, mean_sd
 
 ISO_OK, ISO_BAD = 0.5, 0.2
 KS_OK, KS_BAD = 0.1, 0.3
@@ -36,19 +43,13 @@ def accumulate(model_at: list[tuple[int, Any]], ds: Any, cfg: Any, rng: np.rando
     {'Cx': (d, d), 'Cg': (n, n), 'weight': sum_t r^(T-1-t)} normalised so that C / weight is the
     weighted mean of x x^T (resp. g g^T) over samples.
     """
-    import equinox as eqx
-    import jax.numpy as jnp
-
-    from gradsparse.rmt import decay_rate
-    from gradsparse.train import _grads, default_trainable
-
     T, B = cfg.steps, cfg.batch_size
     r = decay_rate(cfg.lr, cfg.weight_decay)
 
     @eqx.filter_jit
     def part(model, xb, yb, w):
         m = xb.shape[0]
-        _, _, aux, _, gp = _grads(model, default_trainable(model), xb, yb, None)
+        _, _, aux, _, gp = forward_backward(model, default_trainable(model), xb, yb, None)
         out = []
         for a, g in zip(aux, gp):
             xs = a["x"] * jnp.sqrt(w)[:, None]
@@ -79,8 +80,6 @@ def accumulate(model_at: list[tuple[int, Any]], ds: Any, cfg: Any, rng: np.rando
 
 def cov_stats(C: np.ndarray, N: float) -> dict[str, float]:
     """Isotropy and MP-fit statistics of a covariance accumulated over N samples."""
-    from gradsparse.rmt import fit_mp, participation_ratio, relative_anisotropy
-
     C = np.asarray(C, np.float64)
     if C.ndim != 2 or C.shape[0] != C.shape[1] or C.shape[0] < 4:
         raise ValueError(f"C must be a square matrix of size >= 4, got shape {C.shape}")
@@ -97,9 +96,6 @@ def cov_stats(C: np.ndarray, N: float) -> dict[str, float]:
 
 
 def run(ctx: Context, p: dict[str, Any]) -> Finding:
-    from gradsparse.checkpoint import list_checkpoints, load_model
-    from gradsparse.rmt import effective_samples
-
     cfg = base_config(ctx.preset)
     ds = ctx.data(cfg.data, cfg.n_train, cfg.n_test)
     iso, ks, c_meas, c_fit, ks_free = [], [], [], [], []

@@ -1,6 +1,6 @@
 """G10: each sparsity module lowers the density vs vanilla; all three together roughly halve it.
 
-Trained from scratch on the baseline (``TrainConfig`` plug-ins, ``gradsparse.modules.configure``):
+Trained from scratch on the baseline (``TrainConfig`` plug-ins, ``gradsparse.plugins.configure``):
 zeroth bias (doubly-biased MLP, SPEC 4.1), restricted LayerNorm (4.2), J-SquaredReLU (4.3), and the
 three together, each against the vanilla baseline with the same seed (paired). Density: held-out
 density averaged over the last 10% of logs. Accuracy: test accuracy at the end. The paper's headline
@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from theory_checks.common import (BASE, Check, Context, Finding, base_runs, bound_verdict, combine, effect_verdict,
-                                  end_value, mean_sd, plugins_available)
+from gradsparse.figures import plot_bars
+from gradsparse.figures_spectra import FORMATS
+from theory_checks.context import BASE, base_runs, Context, end_value
+from theory_checks.protocol import Check, Finding
+from theory_checks.verdicts import bound_verdict, combine, effect_verdict, mean_sd
 
 MIN_LOWER = 0.01
 HALF_OK, HALF_BAD = 0.65, 0.85          # density(all three) / density(vanilla)
@@ -23,7 +26,6 @@ ARMS = {"zeroth_bias": dict(zeroth_bias=True), "restricted_ln": dict(restricted_
 
 
 def run(ctx: Context, p: dict[str, Any]) -> Finding:
-    plugins_available(zeroth_bias=True, restricted_ln=True)
     van = base_runs(ctx)
     dens = {"vanilla": [end_value(r.history, "heldout/density/mean") for r in van]}
     acc = {"vanilla": [r.final["test_accuracy"] for r in van]}
@@ -57,9 +59,6 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
 
 
 def _bars(ser: dict[str, Any], out, formats=None) -> list:
-    from gradsparse.figures import plot_bars
-    from gradsparse.figures_spectra import FORMATS
-
     groups = {a.replace("_", " "): {"held-out density": ser["density"][a], "test accuracy": ser["accuracy"][a]}
               for a in ser["density"]}
     return plot_bars(groups, out, ylabel="fraction", formats=formats or FORMATS,

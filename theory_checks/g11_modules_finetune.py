@@ -12,31 +12,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from theory_checks.common import (BASE, Check, Context, Finding, Unavailable, base_config, base_runs, bound_verdict,
-                                  combine, effect_verdict, end_value, mean_sd)
+from gradsparse.factory import finetune_start
+from theory_checks.context import BASE, base_config, base_runs, Context, end_value
+from theory_checks.protocol import Check, Finding
+from theory_checks.verdicts import bound_verdict, combine, effect_verdict, mean_sd
 
 MIN_LOWER = 0.02
 ACC_OK, ACC_BAD = 0.03, 0.06
 
 
 def run(ctx: Context, p: dict[str, Any]) -> Finding:
-    try:
-        from gradsparse.modules import sparsify
-    except ImportError as e:
-        raise Unavailable(f"module gradsparse.modules.sparsify unavailable ({e})") from None
     steps = p["finetune_steps"]
     ramp = max(1, int(steps * p["ramp_frac"]))
     dens_c, dens_t, acc_c, acc_t, start = [], [], [], [], []
     for s, r in zip(ctx.seeds, base_runs(ctx)):
         cfg = base_config(ctx.preset, seed=s, steps=steps, lr=p["lr"], checkpoint_every=0, flatness_every=0)
-        try:
-            res = sparsify(r.model, zeroth_bias=True, restricted_ln=True, jsrelu=True, t_up=ramp, t_mix=ramp)
-        except (ValueError, NotImplementedError) as e:
-            raise Unavailable(f"gradsparse.modules.sparsify failed on the baseline ({e})") from None
-        ctrl = ctx.train(cfg, f"g11-control-from-base{s}", model=r.model)
-        treat = ctx.train(cfg.replace(**res.config_changes), f"g11-modules-from-base{s}", model=res.model,
-                          trainable=res.trainable, projections=res.projections,
-                          header_extra={"surgery": res.options})
+        ctrl_start, ctrl_opts = finetune_start(r.model, cfg)
+        ctrl = ctx.train(cfg.replace(surgery=ctrl_opts), f"g11-control-from-base{s}", start=ctrl_start)
+        treat_start, treat_opts = finetune_start(r.model, cfg, zeroth_bias=True, restricted_ln=True, jsrelu=True,
+                                                 t_up=ramp, t_mix=ramp)
+        treat = ctx.train(cfg.replace(surgery=treat_opts), f"g11-modules-from-base{s}", start=treat_start)
         start.append(end_value(r.history, "heldout/density/mean"))
         dens_c.append(end_value(ctrl.history, "heldout/density/mean"))
         dens_t.append(end_value(treat.history, "heldout/density/mean"))

@@ -14,17 +14,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from theory_checks.common import (Check, Context, Finding, Unavailable, combine, effect_verdict, end_value, fmt,
-                                  mean_sd, plugins_available, series, window_mean)
+from gradsparse.config import TrainConfig
+from gradsparse.data import FASHION_DIR
+from gradsparse.figures import plot_bands
+from gradsparse.figures_spectra import FORMATS
+from theory_checks.context import Context, end_value, series, window_mean
+from theory_checks.protocol import Check, Finding, Unavailable
+from theory_checks.verdicts import combine, effect_verdict, fmt, mean_sd
 
 MIN_DENSITY = 0.01
 MIN_LOG_TRACE = 0.05
 
 
 def _config(ctx: Context, p: dict[str, Any], **kw: Any):
-    from gradsparse.config import TrainConfig
-    from gradsparse.data import FASHION_DIR
-
     t = dict(p["train"])
     if (FASHION_DIR / "train-images-idx3-ubyte").exists() or (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
         t.update(model="vit", data="fashion_mnist")
@@ -38,7 +40,6 @@ def _config(ctx: Context, p: dict[str, Any], **kw: Any):
 
 
 def run(ctx: Context, p: dict[str, Any]) -> Finding:
-    plugins_available(weight_noise="synapse")
     cfg = _config(ctx, p)
     try:
         ctx.data(cfg.data, cfg.n_train, cfg.n_test)
@@ -74,9 +75,6 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
 
 
 def _curves(ser: dict[str, Any], out, formats=None) -> list:
-    from gradsparse.figures import plot_bands
-    from gradsparse.figures_spectra import FORMATS
-
     bands = {"no noise": (ser["steps"], ser["plain"]), f"synapse noise (rho={ser['rho']})": (ser["steps"], ser["noise"])}
     return plot_bands(bands, out, ylabel="held-out density (active MLP units)", formats=formats or FORMATS,
                       title=f"Weight noise and sparsity: {ser['model']} on {ser['data']} (band: min-max over seeds)")

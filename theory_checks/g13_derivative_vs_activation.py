@@ -19,10 +19,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
-from theory_checks.common import (BASE, Check, Context, Finding, base_config, base_runs, bound_verdict, combine,
-                                  effect_verdict, end_value, heldout, mean_sd, series)
+from gradsparse.figures import plot_bars
+from gradsparse.models import zero_probes
+from theory_checks.context import BASE, base_config, base_runs, Context, end_value, heldout, series
+from theory_checks.protocol import Check, Finding
+from theory_checks.verdicts import bound_verdict, combine, effect_verdict, mean_sd
 
 RELU_LIKE = ("relu", "jsrelu", "relu2")
 MIN_RISE = 0.05
@@ -31,10 +35,6 @@ MIN_FALL = 0.05
 
 def exact_gap(model: Any, x: np.ndarray) -> float:
     """max over blocks of |fraction(a == 0) - fraction(sigma'(z) == 0)| on the batch x."""
-    import jax.numpy as jnp
-
-    from gradsparse.models import zero_probes
-
     _, aux = model(jnp.asarray(x), zero_probes(model.mlp_blocks(), x.shape[0]))
     return float(max(abs(np.mean(np.asarray(a["a"]) == 0) - np.mean(np.asarray(b.act.deriv(a["z"])) == 0))
                      for a, b in zip(aux, model.mlp_blocks())))
@@ -75,8 +75,6 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
 
 
 def figures(ser: dict[str, Any], out_dir) -> list:
-    from gradsparse.figures import plot_bars
-
     groups = {a: {"activation sparsity": ser["act_sparsity_end"][a], "derivative sparsity": ser["deriv_sparsity_end"][a]}
               for a in ser["act_sparsity_end"]}
     return plot_bars(groups, out_dir / "g13_sparsity_per_activation", ylabel="fraction (end of training)",

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from theory_checks.common import (BASE, Check, Context, Finding, base_runs, combine, effect_verdict, end_value,
-                                  mean_sd, series)
+from gradsparse.figures import plot_bars
+from theory_checks.context import BASE, base_runs, Context, end_value, series
+from theory_checks.protocol import Check, Finding
+from theory_checks.verdicts import combine, effect_verdict, mean_sd
 
 MIN_DROP = 0.10      # as G3
 MIN_SIZE = 0.01
@@ -47,8 +49,6 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
 
 
 def figures(ser: dict[str, Any], out_dir) -> list:
-    from gradsparse.figures import plot_bars
-
     groups = {k.replace("_", " "): {"final density": v} for k, v in ser.items()}
     return plot_bars(groups, out_dir / "g14_controls", ylabel="final density (train)",
                      title="G14: Lazy Neuron controls")

@@ -24,7 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gradsparse.figures import README_FIGURES, readme_figures
+    # here, not at the top: the checks import the whole library, and `gradsparse --help` stays fast
+    from theory_checks.report import README_FIGURES, readme_figures
+    from theory_checks.suite import get_checks, run_checks
 
     source: Path | None = args.source
     if source is not None:
@@ -35,9 +37,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-        from gradsparse.commands.check import run_checks
-        from theory_checks.common import get_checks
-
         slugs = sorted({slug for slug, _ in README_FIGURES.values()})
         run_checks(get_checks(slugs), args.preset, args.work, list(range(args.seeds)), progress=False, echo=True)
         source = args.work

@@ -14,7 +14,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from gradsparse.modules.sparsify import MODULE_NAMES
+from gradsparse.checkpoint import load_model, resolve
+from gradsparse.commands.train import run_summary
+from gradsparse.config import TrainConfig
+from gradsparse import data
+from gradsparse.factory import RunKeys, finetune_start
+from gradsparse.plugins.sparsify import MODULE_NAMES
+from gradsparse.step import final_eval
+from gradsparse.train import TrainingDiverged, train
 
 
 def parse_modules(text: str) -> list[str]:
@@ -69,38 +76,31 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} already holds a run (log.jsonl); pass --resume to continue it, "
                          f"--overwrite to replace it, or choose another folder")
 
-    from gradsparse.checkpoint import load_model, resolve
-    from gradsparse.commands.train import run_summary
-    from gradsparse.config import TrainConfig
-    from gradsparse.data import load_dataset
-    from gradsparse.modules import config_projections, sparsify
-    from gradsparse.train import TrainingDiverged, _final_eval, train
-
     ckpt = resolve(args.checkpoint)
     model, header = load_model(ckpt)
-    if header.get("surgery"):
-        raise ValueError(f"{ckpt} is already a finetuned checkpoint (modules {header['surgery'].get('modules')}); "
-                         "finetune its parent instead")
     cfg = TrainConfig.from_dict(header["config"])
+    if cfg.surgery:
+        raise ValueError(f"{ckpt} is already a finetuned checkpoint (modules {cfg.surgery.get('modules')}); "
+                         "finetune its parent instead")
     half = max(1, args.steps // 2)
-    res = sparsify(model, zeroth_bias="zeroth_bias" in mods, restricted_ln="restricted_ln" in mods,
-                   jsrelu="jsrelu" in mods, noise=args.noise if "noise" in mods else "none", lora="lora" in mods,
-                   zeroth_bias_placement=args.zeroth_bias_placement, zeroth_bias_clip=args.zeroth_bias_clip,
-                   t_up=half if args.t_up is None else args.t_up, t_mix=half if args.t_mix is None else args.t_mix,
-                   rho=args.rho, noise_per=args.noise_per, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
-    changes = {"steps": args.steps, "warmup": args.warmup, **res.config_changes}
+    changes = {"steps": args.steps, "warmup": args.warmup, "parent": str(ckpt)}
     for name in ("lr", "seed", "log_every"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     ft_cfg = cfg.replace(**changes)
-    ds = load_dataset(ft_cfg.data, seed=ft_cfg.seed, path=ft_cfg.data_path, n_train=ft_cfg.n_train,
+    built, surgery = finetune_start(
+        model, ft_cfg, zeroth_bias="zeroth_bias" in mods, restricted_ln="restricted_ln" in mods,
+        jsrelu="jsrelu" in mods, noise=args.noise if "noise" in mods else "none", lora="lora" in mods,
+        zeroth_bias_placement=args.zeroth_bias_placement, zeroth_bias_clip=args.zeroth_bias_clip,
+        t_up=half if args.t_up is None else args.t_up, t_mix=half if args.t_mix is None else args.t_mix,
+        rho=args.rho, noise_per=args.noise_per, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
+    ft_cfg = ft_cfg.replace(surgery=surgery)
+    ds = data.load_dataset(ft_cfg.data, seed=ft_cfg.seed, path=ft_cfg.data_path, n_train=ft_cfg.n_train,
                       n_test=ft_cfg.n_test)
-    before = _final_eval(res.model, res.trainable, ds, ft_cfg)
-    projections = config_projections(cfg) + res.projections
+    before = final_eval(built.model, ds, ft_cfg.seq_len, RunKeys.of(ft_cfg.seed).heldout)
     try:
-        run_res = train(ft_cfg, out, dataset=ds, model=res.model, trainable=res.trainable, projections=projections,
-                        header_extra={"surgery": res.options, "parent": str(ckpt)},
-                        progress=not args.quiet and sys.stderr.isatty(), resume=args.resume)
+        run_res = train(ft_cfg, out, dataset=ds, start=built, progress=not args.quiet and sys.stderr.isatty(),
+                        resume=args.resume)
     except TrainingDiverged as e:
         print(f"gradsparse finetune: stopped: {e}", file=sys.stderr)
         return 3

@@ -22,8 +22,11 @@ import json
 import sys
 from pathlib import Path
 
-from gradsparse.config import MODELS, NOISE_KINDS, OPTIMIZERS, SCHEDULES, TrainConfig
+from gradsparse.config import MODELS, NOISE_KINDS, OPTIMIZERS, SCHEDULES, TrainConfig, check_resumable
+from gradsparse import data
 from gradsparse.data import DATASETS
+from gradsparse.runfolder import stored_config
+from gradsparse.train import TrainingDiverged, train
 
 # CLI flag -> config field, for the plain scalar options
 _FIELDS = ("activation", "width", "mlp_ratio", "depth", "heads", "patch", "seq_len", "steps", "batch_size", "lr",
@@ -98,17 +101,10 @@ def resume_config(args: argparse.Namespace, out: Path) -> TrainConfig | None:
 
     Every field given by a flag or ``--config`` must equal the stored one, except ``steps``.
     """
-    path = out / "config.json"
-    if not path.exists():
+    stored = stored_config(out)
+    if stored is None:
         return None
-    try:
-        stored_d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{path} is not readable JSON ({type(e).__name__}); the run folder is damaged") from None
-    try:
-        stored = TrainConfig.from_dict(stored_d)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path} is not a valid config ({e}); the run folder is damaged") from None
+    path = out / "config.json"
     given = given_fields(args)
     TrainConfig.from_dict({**stored.to_dict(), **given})  # the given values must be valid on their own
     cur = stored.to_dict()
@@ -118,16 +114,11 @@ def resume_config(args: argparse.Namespace, out: Path) -> TrainConfig | None:
             raise ValueError(f"--resume: {name} {v!r} (from {flag} or --config) differs from {cur[name]!r} in {path}; "
                              "a resumed run keeps its config (leave the flag out; only --steps may extend the run)")
     cfg = stored.replace(steps=given.get("steps", stored.steps))
-    from gradsparse.config import check_resumable
-
     check_resumable(stored, cfg, f"the run in {out}")
     return cfg
 
 
 def run(args: argparse.Namespace) -> int:
-    from gradsparse.data import load_dataset
-    from gradsparse.train import TrainingDiverged, train
-
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
@@ -138,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     if holds_run and not (args.overwrite or args.resume):
         raise ValueError(f"--out {out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
                          "or choose another folder")
-    ds = load_dataset(cfg.data, seed=cfg.seed, path=cfg.data_path, n_train=cfg.n_train, n_test=cfg.n_test)
+    ds = data.load_dataset(cfg.data, seed=cfg.seed, path=cfg.data_path, n_train=cfg.n_train, n_test=cfg.n_test)
     try:
         res = train(cfg, out, dataset=ds, progress=not args.quiet and sys.stderr.isatty(), resume=args.resume)
     except TrainingDiverged as e:

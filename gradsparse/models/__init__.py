@@ -5,8 +5,8 @@ Common interface: ``model(x, probes, *, key=None) -> (logits, aux)`` with ``aux`
 ``model.seq_len`` (positions of the zeroth bias).
 """
 
-from gradsparse.models.common import Dense, LayerNorm, MLPBlock, zero_probes
+from gradsparse.models.common import Dense, LayerNorm, MLPBlock, default_trainable, zero_probes
 from gradsparse.models.mlp import ResidualMLP
 from gradsparse.models.transformer import ByteLM, ViT
 
-__all__ = ["Dense", "LayerNorm", "MLPBlock", "zero_probes", "ResidualMLP", "ViT", "ByteLM"]
+__all__ = ["Dense", "LayerNorm", "MLPBlock", "default_trainable", "zero_probes", "ResidualMLP", "ViT", "ByteLM"]

@@ -148,3 +148,12 @@ def zero_probes(blocks: list[MLPBlock], num_tokens: int) -> list[dict[str, Array
     """One probe dict {'a': zeros (N, n), 'y': zeros (N, d)} per MLP block."""
     return [{"a": jnp.zeros((num_tokens, b.n), jnp.float32), "y": jnp.zeros((num_tokens, b.d), jnp.float32)}
             for b in blocks]
+
+
+def default_trainable(model: Any) -> Any:
+    """Pytree of bools shaped like ``model``: every floating array is trained except the
+    parameters of activations (e.g. the mixing k of ``Mixed``, driven by a schedule)."""
+    mask = jax.tree_util.tree_map(eqx.is_inexact_array, model, is_leaf=lambda x: isinstance(x, Activation))
+    return jax.tree_util.tree_map(
+        lambda m: jax.tree_util.tree_map(lambda _: False, m) if isinstance(m, Activation) else m,
+        mask, is_leaf=lambda x: isinstance(x, Activation))

@@ -11,6 +11,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from gradsparse._validate import check_int
 from gradsparse.activations import Activation, ReLU
 from gradsparse.models.common import Dense, LayerNorm, MLPBlock
 
@@ -32,8 +33,7 @@ class ResidualMLP(eqx.Module):
                residual: bool = True) -> "ResidualMLP":
         for name, v in (("d_in", d_in), ("num_classes", num_classes), ("width", width), ("depth", depth),
                         ("mlp_ratio", mlp_ratio)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"ResidualMLP {name} must be a positive int, got {v!r}")
+            check_int(f"ResidualMLP {name}", v, 1)
         act = act if act is not None else ReLU()
         keys = jax.random.split(key, depth + 2)
         blocks = [MLPBlock.create(keys[i], width, mlp_ratio * width, act, ln_affine) for i in range(depth)]

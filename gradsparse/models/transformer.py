@@ -14,6 +14,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from gradsparse._validate import check_int
 from gradsparse.activations import Activation, ReLU
 from gradsparse.models.common import Dense, LayerNorm, MLPBlock
 
@@ -59,8 +60,7 @@ def _blocks(key: Array, depth: int, width: int, heads: int, mlp_ratio: int, act:
 
 def _check_sizes(kind: str, **sizes: int) -> None:
     for name, v in sizes.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{kind} {name} must be a positive int, got {v!r}")
+        check_int(f"{kind} {name}", v, 1)
     if sizes["width"] % sizes["heads"]:
         raise ValueError(f"{kind}: heads ({sizes['heads']}) must divide width ({sizes['width']})")
 

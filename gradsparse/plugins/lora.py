@@ -15,7 +15,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from gradsparse.modules.blocks import Select, resolve_select, selected_blocks
+from gradsparse._validate import check_float, check_int
+from gradsparse.plugins.blocks import Select, resolve_select, selected_blocks
 
 Array = jax.Array
 LORA_TARGETS = ("key", "value")
@@ -23,14 +24,12 @@ LORA_TARGETS = ("key", "value")
 
 def check_lora_args(rank: object, alpha: object, targets: Sequence[str]) -> tuple[int, float, tuple[str, ...]]:
     """Validate (rank >= 1 int, alpha > 0 finite, targets a non-empty subset of key/value)."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"lora_rank: must be a positive integer, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"lora_alpha: must be a finite number > 0, got {alpha!r}")
+    rank = check_int("lora_rank", rank, 1)
+    alpha = check_float("lora_alpha", alpha, 0, lo_open=True)
     targets = tuple(targets)
     if not targets or any(t not in LORA_TARGETS for t in targets) or len(set(targets)) != len(targets):
         raise ValueError(f"lora_targets: must be distinct names from {', '.join(LORA_TARGETS)}, got {list(targets)}")
-    return rank, float(alpha), targets
+    return rank, alpha, targets
 
 
 def add_lora_to_dense(dense: Any, rank: int, alpha: float, key: Array) -> Any:
@@ -73,7 +72,7 @@ def lora_trainable(mask: Any, select: Select, targets: Sequence[str] = LORA_TARG
                    also: Sequence[str] = ("zeroth_bias",)) -> Any:
     """Mask with everything False except the LoRA factors of ``targets`` and the block fields in ``also``.
 
-    ``mask`` is a trainable mask (bool leaves, e.g. from ``train.default_trainable``) of the
+    ``mask`` is a trainable mask (bool leaves, e.g. from ``gradsparse.models.default_trainable``) of the
     LoRA-augmented model; fields in ``also`` keep the value they had in ``mask``.
     """
     blocks = select(mask)

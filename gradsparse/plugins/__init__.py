@@ -22,13 +22,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradsparse.modules.blocks import REQUIRED_FIELDS, default_select
-from gradsparse.modules.noise import ExactWeightNoise, SynapseNoise, add_noise, make_noise
-from gradsparse.modules.restricted_ln import gamma_floor_projection, gamma_ramp_projection, remove_ln_shift
-from gradsparse.modules.sparsify import MODULE_NAMES, SparsifyResult, replay_options, sparsify
-from gradsparse.modules.zeroth_bias import add_zeroth_bias, clip_zeroth_bias, zeroth_bias_projection
+from gradsparse.plugins.blocks import REQUIRED_FIELDS, Projection, default_select
+from gradsparse.plugins.noise import ExactWeightNoise, SynapseNoise, add_noise, make_noise
+from gradsparse.plugins.restricted_ln import gamma_floor_projection, gamma_ramp_projection, remove_ln_shift
+from gradsparse.plugins.sparsify import MODULE_NAMES, SparsifyResult, replay_options, sparsify
+from gradsparse.plugins.zeroth_bias import add_zeroth_bias, clip_zeroth_bias, zeroth_bias_projection
 
-__all__ = ["configure", "config_projections", "sparsify", "sparsify_from_options", "SparsifyResult",
+__all__ = ["configure", "config_projections", "sparsify", "replay_options", "SparsifyResult", "Projection",
            "MODULE_NAMES", "REQUIRED_FIELDS", "SynapseNoise", "ExactWeightNoise", "make_noise", "add_noise",
            "add_zeroth_bias", "clip_zeroth_bias", "zeroth_bias_projection", "remove_ln_shift",
            "gamma_floor_projection", "gamma_ramp_projection", "default_select"]
@@ -65,13 +65,3 @@ def configure(model: Any, cfg: Any) -> tuple[Any, list]:
     if cfg.weight_noise != "none":
         model = add_noise(model, cfg.weight_noise, cfg.rho, cfg.noise_per)
     return model, config_projections(cfg)
-
-
-def sparsify_from_options(model: Any, options: dict, select: Any = None) -> tuple[Any, Any]:
-    """Rebuild a sparsified model's skeleton from the ``surgery`` options of a checkpoint header.
-
-    Returns (model, trainable mask), with the same pytree structure as when the options were
-    recorded by :func:`sparsify`.
-    """
-    res = replay_options(model, options, select)
-    return res.model, res.trainable

@@ -15,23 +15,24 @@ LoRA (4.6) on the key/value matrices with every other weight frozen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from gradsparse._validate import check_bool, check_choice, check_float, check_int
 from gradsparse.activations import JSReLU, Mixed
-from gradsparse.modules.blocks import Select, resolve_select, selected_blocks
-from gradsparse.modules.lora import LORA_TARGETS, add_lora, check_lora_args, lora_trainable
-from gradsparse.modules.noise import NOISE_KINDS, NOISE_PER, _check_rho, add_noise
-from gradsparse.modules.restricted_ln import freeze_ln_shift, gamma_ramp_projection
-from gradsparse.modules.schedules import check_ramp_length, ramp
-from gradsparse.modules.zeroth_bias import PLACEMENTS, _check_clip, add_zeroth_bias, zeroth_bias_projection
+from gradsparse.models import default_trainable
+from gradsparse.plugins.blocks import Projection, Select, resolve_select, selected_blocks
+from gradsparse.plugins.lora import LORA_TARGETS, add_lora, check_lora_args, lora_trainable
+from gradsparse.plugins.noise import NOISE_KINDS, NOISE_PER, add_noise
+from gradsparse.plugins.restricted_ln import freeze_ln_shift, gamma_ramp_projection
+from gradsparse.plugins.schedules import check_ramp_length, ramp
+from gradsparse.plugins.zeroth_bias import PLACEMENTS, add_zeroth_bias, zeroth_bias_projection
 
 Array = jax.Array
-Projection = Callable[[Any, Array], Any]
 
 #: version of the options dict written into checkpoint headers under 'surgery'
 OPTIONS_FORMAT = 1
@@ -44,24 +45,17 @@ class SparsifyResult:
     """What :func:`sparsify` returns.
 
     ``model``: the new model; ``trainable``: pytree of bools shaped like the model (as
-    ``train.default_trainable`` gives); ``projections``: post-update functions
+    ``gradsparse.models.default_trainable`` gives); ``projections``: post-update functions
     ``project(model, step) -> model`` for ``train(..., projections=...)``; ``options``: the
-    JSON-serialisable options that :func:`replay_options` replays; ``config_changes``:
-    TrainConfig fields the training loop needs (with noise: ``weight_noise``, ``rho``,
-    ``noise_per``, so that ``train`` passes a PRNG key to the noise modules).
+    JSON-serialisable options that :func:`replay_options` replays (a run records them as
+    ``TrainConfig.surgery``). Noise modules need no config change: the training step always
+    passes a PRNG key, and a model uses it only where it holds noise modules.
     """
 
     model: Any
     trainable: Any
     projections: list[Projection]
     options: dict[str, Any]
-    config_changes: dict[str, Any] = field(default_factory=dict)
-
-
-def _flag(name: str, v: object) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError(f"{name}: must be True or False, got {v!r}")
-    return v
 
 
 def mix_in_jsrelu(model: Any, select: Select) -> Any:
@@ -114,7 +108,7 @@ def sparsify(model: Any, *, zeroth_bias: bool = False, restricted_ln: bool = Fal
     only reads structure (e.g. ``select=lambda m: m.layers``), and ``seq_len`` (number of
     token positions, 1 for one vector per sample) when using the zeroth bias on a model
     without a ``seq_len`` attribute. Each block must expose the fields listed in
-    :mod:`gradsparse.modules.blocks` for the modules you ask for: ``ln`` (with ``weight``,
+    :mod:`gradsparse.plugins.blocks` for the modules you ask for: ``ln`` (with ``weight``,
     ``bias``), ``key``/``value`` (:class:`gradsparse.models.Dense`), ``act``
     (an :class:`~gradsparse.activations.Activation`), ``zeroth_bias`` + static
     ``zeroth_bias_placement`` and ``noise``, and its forward pass must use them as
@@ -132,23 +126,18 @@ def sparsify(model: Any, *, zeroth_bias: bool = False, restricted_ln: bool = Fal
     """
     for name, v in (("zeroth_bias", zeroth_bias), ("restricted_ln", restricted_ln), ("jsrelu", jsrelu),
                     ("lora", lora)):
-        _flag(name, v)
+        check_bool(name, v)
     if noise is None or noise is False:
         noise = "none"
-    if noise not in NOISE_KINDS:
-        raise ValueError(f"noise: unknown kind {noise!r}; allowed: {', '.join(NOISE_KINDS)}")
-    if noise_per not in NOISE_PER:
-        raise ValueError(f"noise_per: unknown value {noise_per!r}; allowed: {', '.join(NOISE_PER)}")
-    if zeroth_bias_placement not in PLACEMENTS:
-        raise ValueError(f"zeroth_bias_placement: unknown value {zeroth_bias_placement!r}; "
-                         f"allowed: {', '.join(PLACEMENTS)}")
-    zeroth_bias_clip = _check_clip(zeroth_bias_clip)
+    check_choice("noise", noise, NOISE_KINDS)
+    check_choice("noise_per", noise_per, NOISE_PER)
+    check_choice("zeroth_bias_placement", zeroth_bias_placement, PLACEMENTS)
+    zeroth_bias_clip = check_float("zeroth_bias_clip", zeroth_bias_clip, 0)
     t_up, t_mix = check_ramp_length("t_up", t_up), check_ramp_length("t_mix", t_mix)
-    rho = _check_rho(rho)
+    rho = check_float("rho", rho, 0)
     alpha = float(lora_rank) if lora_alpha is None and isinstance(lora_rank, int) else lora_alpha
     lora_rank, alpha, lora_targets = check_lora_args(lora_rank, alpha, lora_targets)
-    if isinstance(lora_seed, bool) or not isinstance(lora_seed, int) or lora_seed < 0:
-        raise ValueError(f"lora_seed: must be an integer >= 0, got {lora_seed!r}")
+    check_int("lora_seed", lora_seed, 0)
     custom = select is not None
     select = resolve_select(model, select)
     wanted = [n for n, on in (("zeroth_bias", zeroth_bias), ("restricted_ln", restricted_ln), ("jsrelu", jsrelu),
@@ -165,8 +154,6 @@ def sparsify(model: Any, *, zeroth_bias: bool = False, restricted_ln: bool = Fal
         model = add_noise(model, noise, rho, noise_per, select=select)
     if lora:
         model = add_lora(model, lora_rank, alpha, jax.random.key(lora_seed), lora_targets, select=select)
-
-    from gradsparse.train import default_trainable
 
     trainable = default_trainable(model)
     if lora:
@@ -187,8 +174,7 @@ def sparsify(model: Any, *, zeroth_bias: bool = False, restricted_ln: bool = Fal
                "seq_len": seq_len, "t_up": t_up, "t_mix": t_mix, "noise": noise, "rho": rho, "noise_per": noise_per,
                "lora_rank": lora_rank, "lora_alpha": alpha, "lora_targets": list(lora_targets),
                "lora_seed": lora_seed}
-    changes = {"weight_noise": noise, "rho": rho, "noise_per": noise_per} if noise != "none" else {}
-    return SparsifyResult(model, trainable, projections, options, changes)
+    return SparsifyResult(model, trainable, projections, options)
 
 
 _OPTION_KEYS = ("format", "modules", "select", "zeroth_bias_placement", "zeroth_bias_clip", "seq_len", "t_up",

@@ -35,24 +35,18 @@ of the weights' size, not something the optimizer can shrink). ``rho = 0`` retur
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from gradsparse.modules.blocks import Select, resolve_select, selected_blocks
+from gradsparse._validate import check_float
+from gradsparse.plugins.blocks import Select, resolve_select, selected_blocks
 
 Array = jax.Array
 NOISE_KINDS = ("none", "synapse", "exact")
 NOISE_PER = ("sample", "batch")
-
-
-def _check_rho(rho: object) -> float:
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
-        raise ValueError(f"rho: must be a finite number >= 0, got {rho!r}")
-    return float(rho)
 
 
 def noise_scale(weight: Array, rho: float) -> Array:
@@ -164,7 +158,7 @@ def make_noise(kind: str, rho: float = 0.1, per: str = "sample") -> Any:
         raise ValueError(f"noise: unknown kind {kind!r}; allowed: {', '.join(NOISE_KINDS)}")
     if per not in NOISE_PER:
         raise ValueError(f"noise_per: unknown value {per!r}; allowed: {', '.join(NOISE_PER)}")
-    rho = _check_rho(rho)
+    rho = check_float("rho", rho, 0)
     if kind == "none":
         return None
     if kind == "synapse":

@@ -10,6 +10,8 @@ which reaches 1 after exactly T updates. At insertion (before any update) the va
 
 from __future__ import annotations
 
+from gradsparse._validate import check_int
+
 import jax
 import jax.numpy as jnp
 
@@ -18,9 +20,7 @@ Array = jax.Array
 
 def check_ramp_length(name: str, t: object) -> int:
     """``t`` as an int >= 0, else ValueError naming ``name``."""
-    if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-        raise ValueError(f"{name}: ramp length must be an integer >= 0 (steps), got {t!r}")
-    return t
+    return check_int(name, t, 0)
 
 
 def ramp(step: Array | int, t: int) -> Array:

@@ -15,23 +15,17 @@ Because b0 starts at 0 the model is exactly unchanged at insertion.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from gradsparse.modules.blocks import Select, block_dim, gamma_of, resolve_select, selected_blocks
+from gradsparse._validate import check_float, check_int
+from gradsparse.plugins.blocks import Select, block_dim, gamma_of, resolve_select, selected_blocks
 
 Array = jax.Array
 PLACEMENTS = ("input", "output")
-
-
-def _check_clip(c: object) -> float:
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
-        raise ValueError(f"zeroth_bias_clip: must be a finite number >= 0, got {c!r}")
-    return float(c)
 
 
 def add_zeroth_bias(model: Any, *, seq_len: int | None = None, placement: str = "input",
@@ -51,8 +45,7 @@ def add_zeroth_bias(model: Any, *, seq_len: int | None = None, placement: str = 
         if seq_len is None:
             raise ValueError(f"{type(model).__name__} has no seq_len; pass seq_len (the number of token positions, "
                              "1 for one vector per sample) for the zeroth bias")
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len: must be a positive integer, got {seq_len!r}")
+    check_int("seq_len", seq_len, 1)
     new_blocks = []
     for i, blk in enumerate(blocks):
         d = block_dim(blk)
@@ -95,7 +88,7 @@ def zeroth_bias_projection(c: float = 0.1, select: Select | None = None):
     Blocks without a zeroth bias are left alone. Uses the LayerNorm gamma of the SAME (already
     updated and projected) model, so run it after the restricted-LN projection.
     """
-    c = _check_clip(c)
+    c = check_float("zeroth_bias_clip", c, 0)
 
     def project(model: Any, step: Array) -> Any:
         sel = resolve_select(model, select)

@@ -37,6 +37,9 @@ import jax
 from gradsparse.activations import Activation
 
 Select = Callable[[Any], list]
+#: a post-update step ``project(model, step) -> model`` (clipping, gamma bounds, schedules), applied
+#: after the optax update inside the jitted training step
+Projection = Callable[[Any, jax.Array], Any]
 
 #: fields each plug-in needs on a selected block (see the module docstring)
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
@@ -61,7 +64,7 @@ def resolve_select(model: Any, select: Select | None) -> Select:
         return select
     if not callable(getattr(model, "mlp_blocks", None)):
         raise ValueError(f"{type(model).__name__} has no mlp_blocks(); pass select=lambda model: [its MLP blocks] "
-                         "(see gradsparse.modules.blocks for the fields a block must have)")
+                         "(see gradsparse.plugins.blocks for the fields a block must have)")
     return default_select
 
 
@@ -81,7 +84,7 @@ def selected_blocks(model: Any, select: Select, modules: Iterable[str]) -> list:
                 if not hasattr(blk, f):
                     raise ValueError(f"block {i} ({type(blk).__name__}) has no field {f!r}, which {mod} needs; "
                                      f"a block must expose {', '.join(REQUIRED_FIELDS[mod])} for {mod} "
-                                     "(see gradsparse.modules.blocks)")
+                                     "(see gradsparse.plugins.blocks)")
         if "zeroth_bias" in modules or "restricted_ln" in modules:
             for f in ("weight", "bias"):
                 if not hasattr(blk.ln, f):

@@ -7,7 +7,7 @@ From scratch:   the LN of every selected MLP block has no shift (beta removed, `
                 and after every optimizer step gamma <- max(gamma, 1).
 Finetuning:     the shift beta is frozen (kept, not trained) and after the update of step s
                 |gamma| <- max(|gamma|, r(s)) with the sign kept (sign(0) counts as +), where
-                r(s) = min((s + 1) / T_up, 1) (see :mod:`gradsparse.modules.schedules`).
+                r(s) = min((s + 1) / T_up, 1) (see :mod:`gradsparse.plugins.schedules`).
 A LayerNorm without a weight has gamma = 1 implicitly; the projections leave it alone.
 """
 
@@ -19,8 +19,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from gradsparse.modules.blocks import Select, resolve_select, selected_blocks
-from gradsparse.modules.schedules import check_ramp_length, ramp
+from gradsparse.plugins.blocks import Select, resolve_select, selected_blocks
+from gradsparse.plugins.schedules import check_ramp_length, ramp
 
 Array = jax.Array
 

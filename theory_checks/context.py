@@ -1,0 +1,214 @@
+"""What a check runs in: data (cached), training runs (cached per config), the shared baseline.
+
+Seeds: seed s changes the model initialisation, the batch order and the noise of a run
+(``TrainConfig.seed``); the dataset itself is made once per name (data seed 0), so that seeds
+compare like with like. Runs are cached per (config, tag) inside one :class:`Context`: checks that
+study the same baseline (G3, G4, G7, G8, G9, G13, G14) share its runs instead of repeating them.
+Every run is built by :mod:`gradsparse.factory` (through :func:`gradsparse.train.train`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from gradsparse.config import TrainConfig
+from gradsparse.data import DATASETS, DataInfo, Dataset, heldout_batch, load_dataset, make_mnist1d
+from gradsparse.factory import Built, RunKeys, build
+from gradsparse.io import atomic_write_with
+from gradsparse.runtime import cache_root, release_compiled_code
+from gradsparse.train import train
+from theory_checks.protocol import PRESETS, Unavailable
+
+
+def _mnist1d_cached(seed: int = 0):
+    """mnist1d (data seed ``seed``) from an .npz cache under :func:`cache_root`, made once.
+
+    Generating mnist1d takes ~6 s; the arrays are a pure function of the seed, so a cached copy
+    is exactly the dataset ``gradsparse.data.load_dataset('mnist1d', seed=seed)`` returns.
+    """
+    path = cache_root() / "data" / f"mnist1d_seed{seed}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                arrays = [z[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+            return Dataset("mnist1d", "vector", *arrays, 10)
+        except (OSError, KeyError, ValueError):
+            pass  # corrupt cache: make it again
+    ds = make_mnist1d(seed=seed)
+    try:
+        atomic_write_with(path, lambda tmp: np.savez(open(tmp, "wb"), x_train=ds.x_train, y_train=ds.y_train,
+                                                     x_test=ds.x_test, y_test=ds.y_test))
+    except OSError:
+        pass
+    return ds
+
+
+def load_data(name: str, *, n_train: int | None = None, n_test: int | None = None, data_seed: int = 0):
+    """A dataset for the checks (data seed 0 unless told), truncated like ``load_dataset`` does.
+
+    'mnist1d' comes from the disk cache; 'random_labels' relabels it exactly as
+    ``gradsparse.data.load_dataset`` does; everything else is ``load_dataset``. Raises
+    :class:`Unavailable` when Fashion-MNIST files are missing.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    if name in ("mnist1d", "random_labels"):
+        ds = _mnist1d_cached(data_seed)
+        if name == "random_labels":
+            rng = np.random.default_rng(data_seed)  # the same draws as load_dataset('random_labels')
+            ds = Dataset("random_labels", "vector", ds.x_train, rng.integers(0, 10, len(ds.y_train)).astype(np.int32),
+                         ds.x_test, rng.integers(0, 10, len(ds.y_test)).astype(np.int32), 10)
+        return Dataset(ds.name, ds.kind, ds.x_train[:n_train], ds.y_train[:n_train], ds.x_test[:n_test],
+                       ds.y_test[:n_test], ds.num_classes)
+    try:
+        return load_dataset(name, seed=data_seed, n_train=n_train, n_test=n_test)
+    except (FileNotFoundError, OSError) as e:
+        raise Unavailable(f"dataset {name} unavailable: {e}") from None
+
+
+@dataclass
+class Context:
+    """What a check runs in: preset, seeds, output folder, shared run cache, log function.
+
+    ``out_dir`` (or None): run folders go to ``out_dir/runs/<tag>-<hash>-s<seed>``.
+    """
+
+    preset: str = "quick"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    out_dir: Path | None = None
+    log: Callable[[str], None] = lambda msg: None
+    _runs: dict[str, Any] = field(default_factory=dict, repr=False)
+    _data: dict[tuple, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; allowed: {', '.join(PRESETS)}")
+        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {self.seeds!r}")
+        if self.out_dir is not None:
+            self.out_dir = Path(self.out_dir)
+
+    def data(self, name: str, n_train: int | None = None, n_test: int | None = None):
+        key = (name, n_train, n_test)
+        if key not in self._data:
+            self._data[key] = load_data(name, n_train=n_train, n_test=n_test)
+        return self._data[key]
+
+    def train(self, cfg: Any, tag: str, *, start: Built | None = None, cache: bool = True):
+        """Train ``cfg`` through :func:`gradsparse.train.train` (cached by ``tag`` + config).
+
+        ``start`` (finetuning: :func:`gradsparse.factory.finetune_start`) is passed through; such
+        runs are cached under their ``tag`` (which must then name the starting point) and config,
+        whose ``surgery`` names the modules. Returns the :class:`gradsparse.train.RunResult`.
+        """
+        cfg = cfg.validate()
+        digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+        key = f"{tag}-{digest}-s{cfg.seed}"
+        if cache and key in self._runs:
+            return self._runs[key]
+        ds = self.data(cfg.data, cfg.n_train, cfg.n_test)
+        run_dir = self.out_dir / "runs" / key if self.out_dir is not None else None
+        t0 = time.time()
+        res = train(cfg, run_dir, dataset=ds, start=start, progress=False)
+        self.log(f"  trained {key}: {cfg.steps} steps in {time.time() - t0:.1f}s")
+        release_compiled_code()
+        if cache:
+            self._runs[key] = res
+        return res
+
+    def seed_runs(self, cfg: Any, tag: str, **kw: Any) -> list[Any]:
+        """One run of ``cfg`` per seed of this context."""
+        return [self.train(cfg.replace(seed=s), tag, **kw) for s in self.seeds]
+
+
+#: The baseline run several checks share (G3, G4, G7, G8, G9, G13, G14; vanilla of G10/G11): a
+#: LayerNorm-ed residual MLP on mnist1d trained with Adam. Chosen by measurement (2-core CPU,
+#: width 64, depth 2, 1500 steps): plain SGD at lr 0.05-0.1 moves density only from ~0.50 to
+#: ~0.39-0.45, SGD + momentum 0.9 (lr 0.1) to ~0.31, Adam at lr 3e-3 to ~0.21, so Adam is the
+#: setting in which the predicted emergence is visible inside the quick budget. The claims about
+#: SGD noise (G5) use plain SGD, since that is what they are about.
+BASE: dict[str, dict[str, Any]] = {
+    "smoke": dict(model="mlp", data="mnist1d", width=16, depth=1, mlp_ratio=4, optimizer="adam", lr=3e-3,
+                  batch_size=64, steps=120, log_every=10, eval_batch=128, flatness_every=20, flatness_probes=2,
+                  checkpoint_every=40),
+    "quick": dict(model="mlp", data="mnist1d", width=64, depth=2, mlp_ratio=4, optimizer="adam", lr=3e-3,
+                  batch_size=64, steps=1000, log_every=25, eval_batch=256, flatness_every=100, flatness_probes=8,
+                  checkpoint_every=100),
+    "full": dict(model="mlp", data="mnist1d", width=128, depth=4, mlp_ratio=4, optimizer="adam", lr=3e-3,
+                 batch_size=64, steps=6000, log_every=50, eval_batch=512, flatness_every=250, flatness_probes=16,
+                 checkpoint_every=500),
+}
+
+
+def base_config(preset: str, **changes: Any):
+    """The :data:`BASE` TrainConfig of ``preset`` with ``changes`` applied (validated)."""
+    if preset not in BASE:
+        raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+    return TrainConfig.from_dict({**BASE[preset], **changes})
+
+
+def base_runs(ctx: Context, *, flatness: bool = False, **changes: Any) -> list[Any]:
+    """The shared baseline (with ``changes``), one run per seed.
+
+    Variants (non-empty ``changes``) skip the Hutchinson estimates unless ``flatness`` is set
+    (compiling them is the most expensive part of a short run: ~8 s CPU of ~16 s) and keep only the
+    final checkpoint (the intermediate ones serve G9's replay of the baseline).
+    """
+    tag = "base" if not changes else "base-" + "-".join(f"{k}{v}" for k, v in sorted(changes.items()))
+    if changes:
+        changes = {"checkpoint_every": 0, **({} if flatness else {"flatness_every": 0}), **changes}
+    return ctx.seed_runs(base_config(ctx.preset, **changes), tag)
+
+
+def heldout(ctx: Context, cfg: Any, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out batch the training loop monitors (first ``eval_batch`` test examples)."""
+    ds = ctx.data(cfg.data, cfg.n_train, cfg.n_test)
+    return heldout_batch(ds, n or cfg.eval_batch, cfg.seq_len, RunKeys.of(cfg.seed).heldout)
+
+
+def end_value(history: Sequence[Mapping[str, Any]], key: str, frac: float = 0.1) -> float:
+    """Mean of ``key`` over the last ``frac`` of training (by step; at least the last log)."""
+    v = window_mean(history, key, 1.0 - frac, 1.0)
+    return v if math.isfinite(v) else series(history, key)[1][-1]
+
+
+def init_model(cfg: Any, ds: Any) -> Any:
+    """The model :func:`gradsparse.train.train` starts from for ``cfg`` (the factory's build with the
+    run's model key), plug-ins included."""
+    return build(cfg, DataInfo.of(ds), RunKeys.of(cfg.seed).model).model
+
+
+def series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of a logged key; raises ValueError naming the missing key."""
+    if not history:
+        raise ValueError("empty training history")
+    if key not in history[0]:
+        avail = sorted(k for k in history[0] if k.endswith("/mean") or "/" not in k)
+        raise ValueError(f"key {key!r} not in the training log; available: {avail}")
+    steps = np.asarray([h["step"] for h in history if key in h], dtype=np.float64)
+    vals = np.asarray([h[key] for h in history if key in h], dtype=np.float64)
+    return steps, vals
+
+
+def start_end(history: Sequence[Mapping[str, Any]], key: str) -> tuple[float, float]:
+    """First and last logged value of ``key``."""
+    _, v = series(history, key)
+    return float(v[0]), float(v[-1])
+
+
+def window_mean(history: Sequence[Mapping[str, Any]], key: str, lo: float, hi: float) -> float:
+    """Mean of ``key`` over logged steps in the fraction [lo, hi] of training (by step)."""
+    s, v = series(history, key)
+    if s.size == 0:
+        return math.nan
+    t = s / max(s[-1], 1.0)
+    m = (t >= lo - 1e-9) & (t <= hi + 1e-9)
+    return float(np.mean(v[m])) if m.any() else math.nan

@@ -1,0 +1,138 @@
+"""The registry of checks and running them: one check into a result, a list into a report folder."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from gradsparse.io import atomic_write_text
+from gradsparse.runfolder import versions
+from gradsparse.runtime import enable_compilation_cache
+from theory_checks.context import Context
+from theory_checks.protocol import Check, CheckResult, Finding, Unavailable
+from theory_checks.report import write_report
+from theory_checks.verdicts import Verdict
+
+
+def run_check(check: Check, ctx: Context, *, fig_dir: Path | None = None) -> CheckResult:
+    """Run one check in ``ctx`` and package its result.
+
+    :class:`Unavailable` becomes an INCONCLUSIVE result with its message; any other exception
+    propagates (the command records it as a crash). Figures (when the check draws any and
+    ``fig_dir`` is given) are written there; their paths are relative to ``ctx.out_dir``.
+    """
+    params = check.params(ctx.preset)
+    t0 = time.time()
+    try:
+        finding = check.run(ctx, params)
+    except Unavailable as e:
+        finding = Finding(Verdict("INCONCLUSIVE", 0, len(ctx.seeds), str(e)), f"not measured: {e}")
+    if not isinstance(finding, Finding):
+        raise TypeError(f"check {check.name} returned {type(finding).__name__}, expected Finding")
+    figs: list[str] = []
+    if fig_dir is not None and check.figures is not None and finding.series:
+        for p in check.figures(finding.series, fig_dir):
+            p = Path(p)
+            try:
+                figs.append(str(p.relative_to(ctx.out_dir)) if ctx.out_dir is not None else str(p))
+            except ValueError:
+                figs.append(str(p))
+    v = finding.verdict
+    return CheckResult(
+        name=check.name, slug=check.slug, title=check.title, claim=check.claim, rule=check.rule, preset=ctx.preset,
+        seeds=list(ctx.seeds), verdict=v.verdict, agree=v.agree, n=v.n, reason=v.reason, measured=finding.measured,
+        per_seed={k: [float(x) for x in vals] for k, vals in finding.per_seed.items()},
+        numbers={k: float(x) for k, x in finding.numbers.items()},
+        parts={k: p.to_dict() for k, p in finding.parts.items()}, notes=list(finding.notes), figures=figs,
+        elapsed_s=round(time.time() - t0, 2), series=finding.series)
+
+
+def crash_result(check: Check, ctx: Context, exc: BaseException, elapsed: float) -> CheckResult:
+    """The result recorded for a check that raised: verdict INCONCLUSIVE with ``error`` set."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return CheckResult(
+        name=check.name, slug=check.slug, title=check.title, claim=check.claim, rule=check.rule, preset=ctx.preset,
+        seeds=list(ctx.seeds), verdict="INCONCLUSIVE", agree=0, n=len(ctx.seeds),
+        reason=f"crashed: {type(exc).__name__}: {exc}", measured="crashed (see error file)", per_seed={},
+        numbers={}, parts={}, notes=[], figures=[], elapsed_s=round(elapsed, 2), error=tb)
+
+
+#: the check modules, in claim order (G1..G14)
+CHECK_MODULES = (
+    "g01_identity", "g02_layernorm_norm", "g03_sparsity_emerges", "g04_flatness_together", "g05_sgd_noise",
+    "g06_flat_region", "g07_spectral_concentration", "g08_kkt_bounds", "g09_isotropy_mp",
+    "g10_modules_from_scratch", "g11_modules_finetune", "g12_weight_noise_transformer",
+    "g13_derivative_vs_activation", "g14_lazy_neuron_controls",
+)
+
+
+def all_checks() -> list[Check]:
+    """Every registered check, G1..G14."""
+    return [importlib.import_module(f"theory_checks.{m}").CHECK for m in CHECK_MODULES]
+
+
+def get_checks(names: Sequence[str] | None = None) -> list[Check]:
+    """Checks by name ('G3', 'g3', 'g03', '3', or the slug), in claim order; all when empty.
+
+    Raises ValueError naming the unknown names and the known ones.
+    """
+    checks = all_checks()
+    if not names:
+        return checks
+    index: dict[str, Check] = {}
+    for c in checks:
+        num = int(c.name[1:])
+        for alias in (c.name.lower(), f"g{num:02d}", str(num), c.slug.lower()):
+            index[alias] = c
+    wanted, unknown = [], []
+    for n in names:
+        c = index.get(str(n).strip().lower())
+        if c is None:
+            unknown.append(n)
+        elif c not in wanted:
+            wanted.append(c)
+    if unknown:
+        raise ValueError(f"unknown check(s) {unknown}; known: {', '.join(c.name for c in checks)}")
+    return [c for c in checks if c in wanted]
+
+
+def run_checks(checks: Sequence[Any], preset: str, out: Path, seeds: list[int], *, progress: bool = True,
+               echo: bool = True) -> tuple[list[Any], bool]:
+    """Run ``checks`` into ``out``; returns (results, any_crashed). Writes the report after each check."""
+    enable_compilation_cache()
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = Context(preset=preset, seeds=seeds, out_dir=out)
+    meta = {"preset": preset, "seeds": seeds, "started": _dt.datetime.now().isoformat(timespec="seconds"),
+            "versions": versions(), "wall_s": 0.0, "command": " ".join(sys.argv)}
+    results: list[Any] = []
+    crashed = False
+    t0 = time.time()
+    bar = tqdm(total=len(checks), disable=not progress, desc=f"check ({preset})", unit="check", dynamic_ncols=True)
+    try:
+        for check in checks:
+            bar.set_postfix_str(check.name, refresh=True)
+            t1 = time.time()
+            try:
+                res = run_check(check, ctx, fig_dir=out / "figures")
+            except Exception as e:  # a crash is recorded, the suite goes on
+                crashed = True
+                res = crash_result(check, ctx, e, time.time() - t1)
+                atomic_write_text(out / f"{check.slug}.error.txt", res.error or "")
+            results.append(res)
+            meta["wall_s"] = round(time.time() - t0, 1)
+            write_report(out, results, meta)
+            if echo:
+                msg = f"{res.name:4s} {('CRASHED' if res.error else res.verdict):12s} {res.agree}/{res.n}  " \
+                      f"{res.elapsed_s:6.1f}s  {res.measured}"
+                tqdm.write(msg[:400], file=sys.stderr)
+            bar.update(1)
+    finally:
+        bar.close()
+    return results, crashed
