@@ -5,7 +5,8 @@ optimizer update (no second pass). Their floor is the outer products: per block 
 C_x += X^T X costs 2 B d^2 flops and C_g += G^T G costs 2 B n^2 (B = batch x tokens); a symmetric
 rank-B update (syrk) would halve that. The step itself costs about 6 x params x B flops. Reported:
 the measured ratio (step with accumulators / plain step, both without monitors, interleaved in
-one run) beside the floor ratio 1 + (accumulator flops) / (step flops).
+one run) beside the floor ratio 1 + (accumulator flops) / (step flops): with n = 4d the n x n
+outer products alone cost about 2/3 of a training step, so the floor is about 1.7x.
 
     python benchmarks/bench_covariance.py
 """
@@ -54,9 +55,9 @@ def bench(width: int, depth: int, batch: int, ds, repeats: int) -> None:
     print(f"  width {width} depth {depth} batch {batch}: plain {plain * 1e3:.3f} ms, with accumulators "
           f"{cov * 1e3:.3f} ms; accumulator flops {acc_flops / 1e6:.1f} M vs step {step_flops / 1e6:.1f} M "
           f"(floor {floor:.3f}x; symmetric rank-B update: {1 + acc_flops / 2 / step_flops:.3f}x)")
-    report(f"covariance_tracking_w{width}", cov / plain, target="< 1.5",
-           note=f"FLOP floor {floor:.3f}x (syrk {1 + acc_flops / 2 / step_flops:.3f}x); "
-                f"{cov * 1e3:.2f} ms vs {plain * 1e3:.2f} ms per step", floor=round(floor, 4))
+    report(f"covariance_tracking_w{width}", cov / plain,
+           note=f"FLOP floor {floor:.3f}x (syrk {1 + acc_flops / 2 / step_flops:.3f}x), measured/floor "
+                f"{cov / plain / floor:.2f}; {cov * 1e3:.2f} ms vs {plain * 1e3:.2f} ms per step", floor=round(floor, 4))
 
 
 def main() -> None:

@@ -15,25 +15,29 @@ from theory_checks import suite
 from theory_checks.context import Context
 from theory_checks.protocol import PRESETS, Check, Finding, Unavailable
 from theory_checks.suite import get_checks
-from theory_checks.verdicts import VERDICTS, Verdict, bound_verdict, combine, effect_verdict
+from theory_checks.verdicts import VERDICTS, Gate, Verdict, bound_verdict, combine, effect_verdict, gated, holm_rejections
 
 
 # ------------------------------------------------------------------------------------------ verdict rules
 def test_effect_verdict_pass_fail_inconclusive():
     v = effect_verdict([0.2, 0.3, 0.25], 0.1)
-    assert (v.verdict, v.agree, v.n) == ("PASS", 3, 3)
-    # right sign everywhere but the mean effect is too small to count
+    assert (v.verdict, v.agree, v.n) == ("PASS", 3, 3) and v.lo > 0 and v.mean == pytest.approx(0.25)
+    # right sign everywhere, tight, but the mean is below delta and the upper bound too: excluded
     v = effect_verdict([0.05, 0.06, 0.07], 0.1)
-    assert (v.verdict, v.agree) == ("INCONCLUSIVE", 3) and "mean below threshold" in v.reason
-    # opposite sign in a majority (2 of 3)
+    assert v.verdict == "FAIL" and "exclude" in v.reason and v.hi < 0.1
+    # right sign everywhere, mean below delta, spread too large to exclude delta
+    v = effect_verdict([0.05, 0.08, 0.11], 0.1)
+    assert v.verdict == "INCONCLUSIVE" and v.lo > 0 and v.hi > 0.1 and "mean below delta" in v.reason
+    # a noisy null: the old majority-sign rule said FAIL, the bound rule cannot exclude delta
     v = effect_verdict([-0.1, -0.2, 0.3], 0.01)
-    assert (v.verdict, v.agree) == ("FAIL", 1)
-    # mixed: one against, two for, but one of them tiny -> neither all agree nor a majority against
-    v = effect_verdict([0.2, -0.1, 0.3], 0.01)
-    assert (v.verdict, v.agree) == ("INCONCLUSIVE", 2)
-    # 2 of 4 against is not a strict majority
-    assert effect_verdict([-1, -1, 1, 1], 0.0).verdict == "INCONCLUSIVE"
-    assert effect_verdict([-1, -1, -1, 1], 0.0).verdict == "FAIL"
+    assert v.verdict == "INCONCLUSIVE" and v.hi > 0.01
+    # a clear opposite effect is a FAIL, flagged as opposite
+    v = effect_verdict([-1.0, -1.1, -0.9], 0.1)
+    assert v.verdict == "FAIL" and "opposite sign" in v.reason
+    # the MDE: (t_.95 + t_.80) SE with 2 degrees of freedom
+    e = np.array([0.2, 0.3, 0.25])
+    se = e.std(ddof=1) / math.sqrt(3)
+    assert v.mde > 0 and effect_verdict(e, 0.1).mde == pytest.approx((2.919986 + 1.060660) * se, rel=1e-5)
 
 
 def test_effect_verdict_needs_three_finite_seeds():
@@ -42,10 +46,50 @@ def test_effect_verdict_needs_three_finite_seeds():
     v = effect_verdict([0.5, math.nan, 0.6], 0.1)
     assert v.verdict == "INCONCLUSIVE" and v.agree == 2 and "non-finite" in v.reason
     assert effect_verdict([0.5, 0.6], 0.1, min_seeds=2).verdict == "PASS"
-    with pytest.raises(ValueError, match="min_effect"):
+    with pytest.raises(ValueError, match="delta"):
         effect_verdict([1, 2, 3], -0.1)
+    with pytest.raises(ValueError, match="delta"):
+        effect_verdict([1, 2, 3], 0.0)
     with pytest.raises(ValueError, match="sequence of numbers"):
         effect_verdict(["a", "b", "c"], 0.1)
+
+
+def _rates(n, true, delta, se, sims=2000, seed=0):
+    """Verdict rates of effect_verdict over ``sims`` simulated seed sets (normal, SE = sd/sqrt(n))."""
+    e = np.random.default_rng(seed).normal(true, se * math.sqrt(n), (sims, n))
+    vs = [effect_verdict(row, delta) for row in e]
+    rate = {k: sum(v.verdict == k for v in vs) / sims for k in VERDICTS}
+    rate["miss"] = sum(v.lo > true for v in vs) / sims  # the lower bound above the truth
+    return rate
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_effect_rule_error_rates_on_simulated_seeds(n):
+    """The rule's guarantees on 2000 simulated seed sets per case (fixed generator seed)."""
+    se, d = 1.0, 1.0
+    null = _rates(n, 0.0, d, se)
+    assert 0.035 <= null["miss"] <= 0.065            # one-sided 95% bound: coverage 5% +- 1.5%
+    assert null["PASS"] <= 0.065                     # no effect -> PASS at most 6.5%
+    assert _rates(n, d, d, se, seed=1)["FAIL"] <= 0.065        # effect exactly delta -> FAIL at most 6.5%
+    assert _rates(n, 0.0, 4 * se, se, seed=2)["FAIL"] >= 0.80  # no effect, delta = 4 SE -> FAIL >= 80%
+    assert _rates(n, -4 * se, 4 * se, se, seed=3)["FAIL"] >= 0.80  # effect -delta -> FAIL >= 80%
+    assert _rates(n, 0.5 * se + 4 * se, 0.5 * se, se, seed=4)["PASS"] >= 0.80  # delta + 4 SE -> PASS >= 80%
+    # underpowered (SE >= delta; truth between 0 and delta): mostly INCONCLUSIVE. At SE = delta and a
+    # truth of delta/2 the rates are 0.81 (n = 3) and 0.78 (n = 5); at SE = 2 delta, 0.85 and 0.84.
+    assert _rates(n, 0.25 * se, 0.5 * se, se, seed=5)["INCONCLUSIVE"] >= 0.80
+
+
+def test_regime_gate_turns_a_verdict_inconclusive_with_its_numbers():
+    v = effect_verdict([0.2, 0.3, 0.25], 0.1)
+    ok = Gate("train_loss_ref", 0.3, ">=", 0.05, "plain SGD arm, mean over seeds")
+    bad = Gate("train_loss_ref", 0.001, ">=", 0.05, "plain SGD arm, mean over seeds")
+    assert ok.ok and not bad.ok and not Gate("x", float("nan"), "<", 1.0).ok
+    assert gated(v, [ok]) is v
+    g = gated(v, [ok, bad])
+    assert g.verdict == "INCONCLUSIVE" and g.reason.startswith("regime not reached: train_loss_ref = 0.001")
+    assert "would be PASS" in g.reason
+    with pytest.raises(ValueError, match="op"):
+        Gate("x", 1.0, "==", 1.0)
 
 
 def test_bound_verdict_and_combine():
@@ -60,6 +104,19 @@ def test_bound_verdict_and_combine():
     assert combine({"a": p, "b": f, "c": i}).verdict == "FAIL"
     c = combine({"a": p, "b": i})
     assert c.verdict == "INCONCLUSIVE" and c.agree == 2
+    # the primary part decides
+    assert combine({"a": p, "b": f}, primary="a").verdict == "PASS"
+    with pytest.raises(ValueError, match="primary"):
+        combine({"a": p}, primary="z")
+    # Holm: a borderline effect FAIL among several effect parts does not fail the check alone
+    weak = effect_verdict([0.75, 0.8, 0.85], 1.0)   # p_fail small but not tiny
+    strong = effect_verdict([-1.0, -1.01, -0.99], 1.0)
+    assert weak.verdict == "FAIL" and 0.0025 < weak.p_fail < 0.05
+    many = {f"x{k}": effect_verdict([0.5, 0.6, 0.7], 0.1) for k in range(20)}
+    assert combine({**many, "weak": weak}).verdict == "INCONCLUSIVE"
+    assert combine({**many, "strong": strong}).verdict == "FAIL"
+    assert holm_rejections([0.01, 0.04, 0.03]) == [True, False, False]
+    assert holm_rejections([0.01, 0.02, 0.03]) == [True, True, True]
     with pytest.raises(ValueError):
         combine({})
     with pytest.raises(ValueError, match="callables"):

@@ -1,43 +1,73 @@
 """Verdict rules of the theory checks: how per-seed numbers become PASS / FAIL / INCONCLUSIVE.
 
-All rules need at least :data:`MIN_SEEDS` = 3 seeds; fewer gives INCONCLUSIVE.
+**Effect parts** (:func:`effect_verdict`): per-seed paired effects e_1..e_n, oriented so that the
+prediction says e > 0, and a minimal effect ``delta`` > 0 fixed in the check's code BEFORE the
+run, with its stated source (a pilot run, MP at the measured c, a physical argument). With mean
+m, sample sd s, SE = s / sqrt(n) and the one-sided 95% t quantile t = t_{0.95, n-1}:
 
-- :func:`effect_verdict` (a paired effect per seed, oriented so that the prediction says > 0):
-  PASS when the effect is > 0 in every seed AND its mean exceeds the stated threshold;
-  FAIL when it is < 0 in a strict majority of seeds; INCONCLUSIVE otherwise (mixed signs, or
-  the right sign but an effect too small to count).
-- :func:`bound_verdict` (a per-seed measurement that should satisfy a stated bound):
-  PASS when every seed satisfies it; FAIL when a strict majority violates the (possibly looser)
-  failure bound; INCONCLUSIVE otherwise.
-- :func:`combine`: a claim with several parts is PASS when every part passes, FAIL when any
-  part fails, INCONCLUSIVE otherwise.
+- PASS when the lower bound m - t SE > 0 AND m > delta;
+- FAIL when the upper bound m + t SE < delta: the data EXCLUDE the predicted effect size (this
+  covers both "no effect" and "the opposite effect"; the latter is flagged when m + t SE < 0);
+- INCONCLUSIVE otherwise (and with fewer than :data:`MIN_SEEDS` seeds or non-finite values).
 
-Non-finite numbers never pass: a NaN effect counts as "not the predicted sign" and is reported.
+Each effect part reports mean, the one-sided bounds, seeds, and the minimal detectable effect
+MDE = (t_{0.95, n-1} + t_{0.80, n-1}) SE: the smallest true effect the rule passes 80% of the
+time given the seed spread. Under a true effect of 0 the rule passes at most 5% of the time, and
+under a true effect of exactly delta it fails at most 5% of the time (tests/test_checks.py checks
+both, and the bounds' coverage, on 2000 simulated seed sets).
+
+**Bound parts** (:func:`bound_verdict`, identities and sandwiches that hold per seed): PASS when
+every seed satisfies the bound; FAIL when a strict majority violates the stated failure bound;
+INCONCLUSIVE otherwise.
+
+**Several parts** (:func:`combine`): a check names its ``primary`` part, whose verdict is the
+check's (the others are reported); or, without a primary, PASS needs every part to pass (an
+intersection-union test: no correction needed) and FAIL needs a part whose FAIL survives Holm's
+correction over the effect parts' FAIL tests (p = P(T <= (m - delta)/SE), alpha 0.05), or a
+failed bound part; INCONCLUSIVE otherwise.
+
+**Regime gates** (:class:`Gate`): a check's premise as numbers, computed on the control or
+baseline arm over all seeds, with thresholds fixed in code; a gate is never a function of the
+quantity the verdict tests. When a gate fails, the check is INCONCLUSIVE "regime not reached".
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+from scipy import stats
 
 VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE")
 #: a verdict other than INCONCLUSIVE needs at least this many seeds
 MIN_SEEDS = 3
+#: one-sided level of the effect rule's bounds
+ALPHA = 0.05
+#: power at which the minimal detectable effect is stated
+POWER = 0.8
 
 
 @dataclass
 class Verdict:
     """A decided verdict: ``verdict`` in VERDICTS, ``agree`` of ``n`` seeds agreeing with the
-    prediction, and ``reason``: the rule as applied, with the numbers."""
+    prediction, ``reason``: the rule as applied, with the numbers. Effect parts also carry
+    ``mean``, ``lo``/``hi`` (one-sided 95% bounds), ``delta``, ``mde``, ``p_fail`` (for Holm)."""
 
     verdict: str
     agree: int
     n: int
     reason: str
+    kind: str = "bound"
+    mean: float | None = None
+    lo: float | None = None
+    hi: float | None = None
+    delta: float | None = None
+    mde: float | None = None
+    p_fail: float | None = None
+    source: str | None = None
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
@@ -59,38 +89,63 @@ def _fmt_list(arr: np.ndarray) -> str:
     return "[" + ", ".join(fmt(v) for v in arr) + "]"
 
 
-def effect_verdict(effects: Iterable[float], min_effect: float, *, what: str = "effect",
-                   min_seeds: int = MIN_SEEDS) -> Verdict:
-    """Decide from per-seed effects oriented so that the prediction is ``effect > 0``.
+def t_bounds(values: Sequence[float], alpha: float = ALPHA) -> tuple[float, float, float, float]:
+    """(mean, SE, lower, upper) of per-seed values: one-sided (1 - alpha) t bounds m -/+ t SE."""
+    e = np.asarray(values, dtype=np.float64)
+    n = e.size
+    if n < 2 or not np.all(np.isfinite(e)):
+        return math.nan, math.nan, math.nan, math.nan
+    m, se = float(e.mean()), float(e.std(ddof=1) / math.sqrt(n))
+    t = float(stats.t.ppf(1 - alpha, n - 1))
+    return m, se, m - t * se, m + t * se
 
-    PASS: ``effect > 0`` in every seed and ``mean(effect) > min_effect``.
-    FAIL: ``effect < 0`` in a strict majority of seeds.
-    INCONCLUSIVE: otherwise, or fewer than ``min_seeds`` seeds. NaN/inf count as not agreeing.
+
+def min_detectable_effect(se: float, n: int, alpha: float = ALPHA, power: float = POWER) -> float:
+    """(t_{1-alpha} + t_{power}) SE with n - 1 degrees of freedom: the true effect the PASS bound
+    clears with probability ~``power``."""
+    if n < 2 or not math.isfinite(se):
+        return math.nan
+    return float((stats.t.ppf(1 - alpha, n - 1) + stats.t.ppf(power, n - 1)) * se)
+
+
+def effect_verdict(effects: Iterable[float], delta: float, *, what: str = "effect", source: str = "",
+                   min_seeds: int = MIN_SEEDS) -> Verdict:
+    """Decide from per-seed effects oriented so that the prediction is ``effect > 0`` (module docstring).
+
+    ``delta`` > 0 is the minimal effect (fixed before the run; ``source`` says where it comes from).
     """
     e = _as_values(effects, "effects")
-    if not isinstance(min_effect, (int, float)) or not math.isfinite(min_effect) or min_effect < 0:
-        raise ValueError(f"min_effect must be a finite number >= 0, got {min_effect!r}")
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta) or delta <= 0:
+        raise ValueError(f"delta: must be a finite number, got {delta!r}; allowed: > 0 (the minimal effect, "
+                         "stated before the run)")
     n = int(e.size)
     finite = np.isfinite(e)
     agree = int(np.sum(finite & (e > 0)))
-    against = int(np.sum(finite & (e < 0)))
-    mean = float(np.mean(e)) if n and finite.all() else math.nan
-    desc = f"{what} per seed {_fmt_list(e)}, mean {fmt(mean)}, threshold {fmt(min_effect)}"
+    m, se, lo, hi = t_bounds(e)
+    mde = min_detectable_effect(se, n)
+    p_fail = float(stats.t.cdf((m - delta) / se, n - 1)) if n >= 2 and se > 0 and math.isfinite(se) else \
+        (0.0 if math.isfinite(m) and n >= 2 and m < delta else 1.0)
+    src = f" (delta from {source})" if source else ""
+    desc = (f"{what} per seed {_fmt_list(e)}, mean {fmt(m)}, one-sided 95% bounds [{fmt(lo)}, {fmt(hi)}], "
+            f"delta {fmt(delta)}{src}, MDE {fmt(mde)}")
+    kw = dict(kind="effect", mean=m, lo=lo, hi=hi, delta=float(delta), mde=mde, p_fail=p_fail, source=source or None)
     if n < min_seeds:
-        return Verdict("INCONCLUSIVE", agree, n, f"only {n} seed(s), need >= {min_seeds}; {desc}")
-    if agree == n and mean > min_effect:
-        return Verdict("PASS", agree, n, f"predicted sign in {agree}/{n} seeds and mean > threshold; {desc}")
-    if against > n / 2:
-        return Verdict("FAIL", agree, n, f"opposite sign in {against}/{n} seeds; {desc}")
-    why = "mean below threshold" if agree == n else f"predicted sign in only {agree}/{n} seeds"
+        return Verdict("INCONCLUSIVE", agree, n, f"only {n} seed(s), need >= {min_seeds}; {desc}", **kw)
     if not finite.all():
-        why += f"; {int(np.sum(~finite))} non-finite value(s)"
-    return Verdict("INCONCLUSIVE", agree, n, f"{why}; {desc}")
+        return Verdict("INCONCLUSIVE", agree, n, f"{int(np.sum(~finite))} non-finite value(s); {desc}", **kw)
+    if lo > 0 and m > delta:
+        return Verdict("PASS", agree, n, f"lower bound > 0 and mean > delta; {desc}", **kw)
+    if hi < delta:
+        flag = "; opposite sign (upper bound < 0)" if hi < 0 else ""
+        return Verdict("FAIL", agree, n, f"upper bound < delta: the data exclude the predicted effect{flag}; {desc}",
+                       **kw)
+    why = "mean below delta" if lo > 0 else "lower bound <= 0"
+    return Verdict("INCONCLUSIVE", agree, n, f"{why} and upper bound >= delta; {desc}", **kw)
 
 
 def bound_verdict(values: Iterable[float], *, passes: Callable[[float], bool], fails: Callable[[float], bool],
                   what: str, bound: str, fail_bound: str, min_seeds: int = MIN_SEEDS) -> Verdict:
-    """Decide from per-seed measurements that should satisfy a bound.
+    """Decide from per-seed measurements that should satisfy a bound (identities, sandwiches).
 
     PASS: ``passes(v)`` for every seed. FAIL: ``fails(v)`` for a strict majority of seeds.
     INCONCLUSIVE: otherwise, or fewer than ``min_seeds`` seeds. ``bound``/``fail_bound`` are the
@@ -103,33 +158,97 @@ def bound_verdict(values: Iterable[float], *, passes: Callable[[float], bool], f
     ok = [bool(math.isfinite(x) and passes(float(x))) for x in v]
     bad = [bool(math.isfinite(x) and fails(float(x))) for x in v]
     agree, against = sum(ok), sum(bad)
-    desc = f"{what} per seed {_fmt_list(v)} (pass: {bound}; fail: {fail_bound})"
+    desc = f"{what} per seed {_fmt_list(v)} (pass: {bound} in every seed; fail: {fail_bound} in a majority)"
+    mean = float(np.mean(v)) if n else None
     if n < min_seeds:
-        return Verdict("INCONCLUSIVE", agree, n, f"only {n} seed(s), need >= {min_seeds}; {desc}")
+        return Verdict("INCONCLUSIVE", agree, n, f"only {n} seed(s), need >= {min_seeds}; {desc}", mean=mean)
     if agree == n:
-        return Verdict("PASS", agree, n, f"bound met in {agree}/{n} seeds; {desc}")
+        return Verdict("PASS", agree, n, f"bound met in {agree}/{n} seeds; {desc}", mean=mean)
     if against > n / 2:
-        return Verdict("FAIL", agree, n, f"failure bound hit in {against}/{n} seeds; {desc}")
-    return Verdict("INCONCLUSIVE", agree, n, f"bound met in only {agree}/{n} seeds; {desc}")
+        return Verdict("FAIL", agree, n, f"failure bound hit in {against}/{n} seeds; {desc}", mean=mean)
+    return Verdict("INCONCLUSIVE", agree, n, f"bound met in only {agree}/{n} seeds; {desc}", mean=mean)
 
 
-def combine(parts: Mapping[str, Verdict]) -> Verdict:
-    """PASS if every part passes, FAIL if any part fails, INCONCLUSIVE otherwise.
+def holm_rejections(pvalues: Sequence[float], alpha: float = ALPHA) -> list[bool]:
+    """Holm's step-down procedure: which of the hypotheses are rejected at family-wise level alpha."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    order = np.argsort(p)
+    rej = np.zeros(p.size, dtype=bool)
+    for rank, i in enumerate(order):
+        if p[i] <= alpha / (p.size - rank):
+            rej[i] = True
+        else:
+            break
+    return rej.tolist()
 
-    ``agree``/``n`` are those of the weakest part (fewest agreeing seeds).
+
+def combine(parts: Mapping[str, Verdict], primary: str | None = None) -> Verdict:
+    """The check's verdict from its parts (module docstring): the ``primary`` part's, or PASS when
+    every part passes, FAIL when a part's FAIL survives Holm's correction, INCONCLUSIVE otherwise.
+
+    ``agree``/``n`` are those of the primary part, else of the weakest part.
     """
     if not parts:
         raise ValueError("combine needs at least one part")
+    listing = ", ".join(f"{k}: {p.verdict}" for k, p in parts.items())
+    if primary is not None:
+        if primary not in parts:
+            raise ValueError(f"primary: unknown part {primary!r}; allowed: {', '.join(parts)}")
+        p = parts[primary]
+        return dataclasses.replace(p, reason=f"primary part {primary}: {p.verdict} ({listing}); {p.reason}")
     vs = list(parts.values())
     weakest = min(vs, key=lambda p: (p.agree / p.n) if p.n else 0.0)
-    names = {k: p.verdict for k, p in parts.items()}
-    listing = ", ".join(f"{k}: {v}" for k, v in names.items())
     if all(p.verdict == "PASS" for p in vs):
         return Verdict("PASS", weakest.agree, weakest.n, f"every part passes ({listing})")
-    if any(p.verdict == "FAIL" for p in vs):
-        failed = [k for k, p in parts.items() if p.verdict == "FAIL"]
-        return Verdict("FAIL", weakest.agree, weakest.n, f"failed part(s) {failed} ({listing})")
-    return Verdict("INCONCLUSIVE", weakest.agree, weakest.n, f"not every part decided ({listing})")
+    effect = [(k, p) for k, p in parts.items() if p.kind == "effect" and p.p_fail is not None]
+    holm = dict(zip([k for k, _ in effect], holm_rejections([p.p_fail for _, p in effect]))) if effect else {}
+    failed = [k for k, p in parts.items()
+              if p.verdict == "FAIL" and (p.kind != "effect" or holm.get(k, False))]
+    if failed:
+        return Verdict("FAIL", weakest.agree, weakest.n,
+                       f"failed part(s) {failed} after Holm's correction over {len(effect)} effect part(s) ({listing})")
+    unheld = [k for k, p in parts.items() if p.verdict == "FAIL"]
+    extra = f"; FAIL of {unheld} does not survive Holm's correction" if unheld else ""
+    return Verdict("INCONCLUSIVE", weakest.agree, weakest.n, f"not every part decided ({listing}){extra}")
+
+
+@dataclass
+class Gate:
+    """A regime premise as a number: ``value`` must satisfy ``op`` ``threshold`` (``op`` in
+    '<', '<=', '>', '>='). ``what`` says what it measures and on which arm."""
+
+    name: str
+    value: float
+    op: str
+    threshold: float
+    what: str = ""
+
+    def __post_init__(self) -> None:
+        if self.op not in ("<", "<=", ">", ">="):
+            raise ValueError(f"op: unknown value {self.op!r}; allowed: <, <=, >, >=")
+
+    @property
+    def ok(self) -> bool:
+        v, t = float(self.value), float(self.threshold)
+        if not math.isfinite(v):
+            return False
+        return {"<": v < t, "<=": v <= t, ">": v > t, ">=": v >= t}[self.op]
+
+    def describe(self) -> str:
+        return f"{self.name} = {fmt(self.value)} (needs {self.op} {fmt(self.threshold)}{'; ' + self.what if self.what else ''})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "ok": self.ok}
+
+
+def gated(verdict: Verdict, gates: Sequence[Gate]) -> Verdict:
+    """``verdict`` unchanged when every gate holds, else INCONCLUSIVE "regime not reached: <numbers>"."""
+    bad = [g for g in gates if not g.ok]
+    if not bad:
+        return verdict
+    return dataclasses.replace(verdict, verdict="INCONCLUSIVE",
+                               reason="regime not reached: " + "; ".join(g.describe() for g in bad)
+                               + f" (the measured verdict would be {verdict.verdict}: {verdict.reason})")
 
 
 def fmt(v: Any) -> str:
