@@ -202,6 +202,38 @@ class SShaped(Activation):
         return f"sshaped({self.h:g},{self.sx:g},{self.sy:g})"
 
 
+class SShaped2(Activation):
+    """The paper's squared S-shape with a flat middle (claim G6; SPEC 5):
+
+    with u = z - sx: sigma(z) = relu(u - h)^2 - relu(-u - h)^2 + sy,
+    sigma'(z) = 2 relu(u - h) + 2 relu(-u - h). The derivative goes to 0 continuously at the edges
+    of the flat set |u| <= h (unlike the linear dead-zone :class:`SShaped`), whose output is sy.
+    """
+
+    h: float = eqx.field(static=True, default=1.5)
+    sx: float = eqx.field(static=True, default=0.0)
+    sy: float = eqx.field(static=True, default=0.0)
+
+    def __call__(self, z: Array) -> Array:
+        u = z - self.sx
+        return jnp.square(jax.nn.relu(u - self.h)) - jnp.square(jax.nn.relu(-u - self.h)) + self.sy
+
+    def deriv(self, z: Array) -> Array:
+        u = z - self.sx
+        return 2.0 * jax.nn.relu(u - self.h) + 2.0 * jax.nn.relu(-u - self.h)
+
+    def flat_mask(self, z: Array) -> Array:
+        return jnp.abs(z - self.sx) <= self.h
+
+    @property
+    def flat_value(self) -> float:
+        return float(self.sy)
+
+    @property
+    def name(self) -> str:
+        return f"sshaped2({self.h:g},{self.sx:g},{self.sy:g})"
+
+
 class Mixed(Activation):
     """(1 - k) * first + k * second, with k an array leaf so a schedule can move it (SPEC 4.3).
 
@@ -274,7 +306,8 @@ _SIMPLE: dict[str, Callable[[], Activation]] = {
 
 #: names (with their parameter syntax) accepted by get_activation
 ACTIVATION_NAMES = (
-    "relu", "gelu", "relu2", "jsrelu", "shifted_relu(sx,sy)", "sshaped(h,sx,sy)", "mixed(k)", "topk(k[,base])",
+    "relu", "gelu", "relu2", "jsrelu", "shifted_relu(sx,sy)", "sshaped(h,sx,sy)", "sshaped2(h,sx,sy)", "mixed(k)",
+    "topk(k[,base])",
 )
 
 _CALL = re.compile(r"^\s*([a-z_0-9]+)\s*(?:\((.*)\))?\s*$")
@@ -314,11 +347,11 @@ def get_activation(spec: str | Activation) -> Activation:
     if name == "shifted_relu":
         sx, sy = _floats(args, name, 2)
         return ShiftedReLU(sx=sx, sy=sy)
-    if name == "sshaped":
+    if name in ("sshaped", "sshaped2"):
         h, sx, sy = _floats(args, name, 3)
         if h < 0:
-            raise ValueError(f"sshaped half-width h must be >= 0, got {h}")
-        return SShaped(h=h, sx=sx, sy=sy)
+            raise ValueError(f"{name} half-width h must be >= 0, got {h}")
+        return (SShaped if name == "sshaped" else SShaped2)(h=h, sx=sx, sy=sy)
     if name == "mixed":
         (k,) = _floats(args, name, 1)
         if not 0.0 <= k <= 1.0:

@@ -27,7 +27,7 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "width": (1, 2**16), "mlp_ratio": (1, 256), "depth": (1, 1024), "heads": (1, 1024), "patch": (1, 4096),
     "seq_len": (1, 2**16), "steps": (1, _I32), "batch_size": (1, 2**24), "log_every": (1, _I32),
     "eval_batch": (1, 2**20), "flatness_probes": (1, 4096), "warmup": (0, _I32), "checkpoint_every": (0, _I32),
-    "flatness_every": (0, _I32), "seed": (0, 2**32 - 1), "n_train": (1, 2**26), "n_test": (1, 2**26),
+    "flatness_every": (0, _I32), "flatness_subset": (0, 2**20), "seed": (0, 2**32 - 1), "n_train": (1, 2**26), "n_test": (1, 2**26),
 }
 
 
@@ -38,12 +38,15 @@ class TrainConfig:
     Model: ``model`` (mlp | vit | lm), ``width`` d, ``mlp_ratio`` (n = mlp_ratio * d), ``depth``
     (MLP blocks), ``heads``, ``patch`` (ViT), ``seq_len`` (LM), ``ln_affine``, ``residual`` (mlp).
     Optimisation: ``optimizer`` (sgd | adam | adamw), ``lr``, ``momentum`` (sgd), ``weight_decay``
+    ``label_noise`` p (a fraction p of each batch's labels resampled uniformly: label-noise SGD),
     (coupled L2 for sgd/adam, decoupled for adamw), ``schedule`` (constant | cosine) after
     ``warmup`` linear steps, ``grad_clip`` (global norm; 0 = off).
     Plug-ins (SPEC 4): ``weight_noise`` (none | synapse | exact) with ``rho`` and ``noise_per``,
     ``zeroth_bias`` (+ ``zeroth_bias_placement``, ``zeroth_bias_clip``), ``restricted_ln``.
     Monitoring: ``log_every``, ``eval_batch`` (held-out batch for the monitors),
-    ``flatness_every`` (Hutchinson trace; 0 = off) with ``flatness_probes``,
+    ``flatness_every`` (Hutchinson trace; 0 = off) with ``flatness_probes``, on the current batch or,
+    with ``flatness_subset`` = N > 0, on the first N training examples (a FIXED subset, SPEC 3.4;
+    the monitors are then also logged on it under ``fixed/...``),
     ``track_covariance`` (SPEC 3.3 accumulations).
     Placement: ``data_parallel`` shards each batch over all visible devices when the batch size
     divides evenly (``gradsparse.parallel.DataParallel.auto``); False keeps one device.
@@ -69,6 +72,7 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 1e-3
     momentum: float = 0.0
+    label_noise: float = 0.0
     weight_decay: float = 0.0
     warmup: int = 0
     schedule: str = "constant"
@@ -81,6 +85,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     flatness_every: int = 0
     flatness_probes: int = 8
+    flatness_subset: int = 0
     track_covariance: bool = False
     weight_noise: str = "none"
     rho: float = 0.1
@@ -139,6 +144,9 @@ class TrainConfig:
             check_float(name, getattr(self, name), 0)
         check_float("lr", self.lr, 0, lo_open=True)
         check_float("momentum", self.momentum, 0, 1, hi_open=True)
+        check_float("label_noise", self.label_noise, 0, 1, hi_open=True)
+        if self.label_noise > 0 and self.data == "text":
+            raise ValueError("label_noise: does not apply to data 'text'; allowed: 0 for the byte LM")
         if self.width % self.heads and self.model != "mlp":
             raise ValueError(f"heads: {self.heads} does not divide width {self.width}")
         if self.warmup >= self.steps and self.warmup > 0:

@@ -3,16 +3,18 @@
 Per MLP block, with r = 1 - lr * wd (:func:`gradsparse.rmt.decay_rate`)::
 
     C_x <- r C_x + mean_t x_t x_t^T     (d x d; x = the input of K)
-    C_g <- r C_g + mean_t g_t g_t^T     (n x n; g = B dL/da, the per-sample gradient at the activations)
+    C_eta <- r C_eta + mean_t eta_t eta_t^T   (n x n; eta = B dL/dz = B g * sigma'(z), per-sample scale)
 
-The update reads the probes' values of the SAME forward/backward pass as the optimizer update
-(``x`` from the block's aux, ``dL/da`` from the probe gradients), so tracking costs only the outer
+eta, not g = dL/da: the rank-one term of dL/dK is eta x^T, and g = V^T g^V has rank <= d, so C_g
+could never be isotropic in R^n. The update reads the values of the SAME forward/backward pass as
+the optimizer update (``x`` and ``z`` from the block's aux, ``dL/da`` from the probe gradients,
+eta = dL/da * sigma'(z)), so tracking costs only the outer
 products: about 2 B (d^2 + n^2) flops per block and step (half that with a symmetric rank-B update).
-The state is a plain pytree (a list of ``{"x": (d, d), "g": (n, n)}``), checkpointed with the
+The state is a plain pytree (a list of ``{"x": (d, d), "eta": (n, n)}``), checkpointed with the
 optimizer state, so a run that tracks the covariances resumes bit-identically.
 
 At step t the accumulation holds N = B min(t, T_eff) samples (:func:`gradsparse.rmt.effective_samples`),
-c = p / N; :func:`log_metrics` gives the logged ``cov/{x,g}_{trace, participation_ratio,
+c = p / N; :func:`log_metrics` gives the logged ``cov/{x,eta}_{trace, participation_ratio,
 anisotropy, c, bound_re, bound_im}`` (:func:`gradsparse.rmt.covariance_metrics`).
 """
 
@@ -31,13 +33,14 @@ from gradsparse.io import atomic_write_bytes
 from gradsparse.rmt import cov_init, cov_update, covariance_metrics, decay_rate, effective_samples
 
 Array = jax.Array
-State = list  # [{"x": (d, d), "g": (n, n)} per block]
+State = list  # [{"x": (d, d), "eta": (n, n)} per block]
+KINDS = ("x", "eta")
 
 
 @dataclass(frozen=True)
 class Accumulator:
-    """``init() -> state`` and ``update(state, xs, gs, batch_size) -> state`` (jittable), with
-    ``xs[i]`` (N, d) the inputs of block i's K and ``gs[i]`` (N, n) its dL/da of the mean loss
+    """``init() -> state`` and ``update(state, xs, etas, batch_size) -> state`` (jittable), with
+    ``xs[i]`` (N, d) the inputs of block i's K and ``etas[i]`` (N, n) its dL/dz of the mean loss
     (multiplied by ``batch_size`` inside, to per-sample scale)."""
 
     dims: tuple[tuple[int, int], ...]  # (d, n) per block
@@ -56,11 +59,11 @@ def accumulator(dims: Sequence[tuple[int, int]], lr: float, weight_decay: float)
     r = decay_rate(lr, weight_decay)
 
     def init() -> State:
-        return [{"x": cov_init(d), "g": cov_init(n)} for d, n in dims]
+        return [{"x": cov_init(d), "eta": cov_init(n)} for d, n in dims]
 
-    def update(state: State, xs: Sequence[Array], gs: Sequence[Array], batch_size: int) -> State:
-        return [{"x": cov_update(st["x"], x, r), "g": cov_update(st["g"], g * batch_size, r)}
-                for st, x, g in zip(state, xs, gs)]
+    def update(state: State, xs: Sequence[Array], etas: Sequence[Array], batch_size: int) -> State:
+        return [{"x": cov_update(st["x"], x, r), "eta": cov_update(st["eta"], e * batch_size, r)}
+                for st, x, e in zip(state, xs, etas)]
 
     return Accumulator(dims, float(lr), float(weight_decay), init, update)
 
@@ -72,23 +75,23 @@ def samples(acc: Accumulator, batch_size: int, step: int) -> float:
 
 @jax.jit
 def _metrics(state: State, n: Array) -> list:
-    return [{k: covariance_metrics(st[k], st[k].shape[0], n) for k in ("x", "g")} for st in state]
+    return [{k: covariance_metrics(st[k], st[k].shape[0], n) for k in KINDS} for st in state]
 
 
 def log_metrics(acc: Accumulator, state: State, batch_size: int, step: int) -> dict[str, Any]:
-    """Per-layer lists under ``cov/x_*`` and ``cov/g_*`` after ``step`` updates, and ``cov/N``."""
+    """Per-layer lists under ``cov/x_*`` and ``cov/eta_*`` after ``step`` updates, and ``cov/N``."""
     n = samples(acc, batch_size, step)
     per = jax.device_get(_metrics(state, jnp.asarray(n, jnp.float32)))
     out: dict[str, Any] = {"cov/N": n}
-    for kind in ("x", "g"):
+    for kind in KINDS:
         for name in per[0][kind]:
             out[f"cov/{kind}_{name}"] = [float(layer[kind][name]) for layer in per]
     return out
 
 
 def save(path: str | Path, acc: Accumulator, state: State, batch_size: int, step: int) -> Path:
-    """The accumulated matrices (``Cx_i``, ``Cg_i`` per block i) and ``N``, written atomically as .npz."""
-    arrays = {f"C{k}_{i}": np.asarray(st[k]) for i, st in enumerate(state) for k in ("x", "g")}
+    """The accumulated matrices (``Cx_i``, ``Ceta_i`` per block i) and ``N``, written atomically as .npz."""
+    arrays = {f"C{k}_{i}": np.asarray(st[k]) for i, st in enumerate(state) for k in KINDS}
     arrays["N"] = np.asarray(samples(acc, batch_size, step))
     buf = io.BytesIO()
     np.savez(buf, **arrays)

@@ -332,6 +332,21 @@ class Batcher:
         return self.ds.x_train[idx], self.ds.y_train[idx]
 
 
+#: tag folded into the data key for label noise, so runs without it keep their keys
+LABEL_NOISE_TAG = 0x1ABE1
+
+
+def noisy_labels(y: np.ndarray, key: jax.Array, p: float, num_classes: int) -> np.ndarray:
+    """Label noise (label-noise SGD): each label is replaced, with probability ``p``, by a label
+    drawn uniformly from the ``num_classes`` classes (it may draw the true label). Pure in ``key``."""
+    if p <= 0:
+        return y
+    k1, k2 = jax.random.split(key)
+    flip = np.asarray(jax.random.bernoulli(k1, p, np.shape(y)))
+    new = np.asarray(jax.random.randint(k2, np.shape(y), 0, num_classes), dtype=np.asarray(y).dtype)
+    return np.where(flip, new, y)
+
+
 def heldout_batch(ds: Dataset, n: int, seq_len: int, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
     """THE held-out batch of a run: the first ``n`` test examples (at most all of them), or, for
     text, ``n`` windows of the held-out text drawn with ``key`` (the run's ``heldout`` key,

@@ -739,7 +739,7 @@ def covariance_metrics(C: jax.Array, p: int, N: Any, v: float = 1e-2) -> dict[st
     alpha = participation_ratio(C)
     aniso = relative_anisotropy(C)
     c = p / jnp.asarray(N, jnp.float32)
-    bre, bim = mp_bounds(c, alpha, aniso, p, v)
+    bre, bim = mp_bounds(c, alpha, aniso * p, p, v)  # mp_bounds takes the absolute A = p x (A/p)
     return {
         "trace": jnp.trace(C),
         "participation_ratio": alpha,

@@ -86,7 +86,8 @@ def make_train_step(optimizer: optax.GradientTransformation, trainable: Any, pro
             metrics["layers"] = model_metrics(model.mlp_blocks(), aux, g_probes, x.shape[0])
         if accumulator is None:
             return new_model, new_opt, metrics, finite
-        new_acc = accumulator.update(acc_state, [ax["x"] for ax in aux], [pg["a"] for pg in g_probes], x.shape[0])
+        etas = [pg["a"] * blk.act.deriv(ax["z"]) for blk, ax, pg in zip(model.mlp_blocks(), aux, g_probes)]
+        new_acc = accumulator.update(acc_state, [ax["x"] for ax in aux], etas, x.shape[0])
         return new_model, (new_opt, new_acc), metrics, finite
 
     return step

@@ -27,7 +27,8 @@ from gradsparse import covariance
 from gradsparse._validate import check_bool
 from gradsparse.checkpoint import checkpoint_path, save_checkpoint
 from gradsparse.config import TrainConfig
-from gradsparse.data import Batcher, DataInfo, Dataset, data_sha256, heldout_batch, load_dataset
+from gradsparse.data import (LABEL_NOISE_TAG, Batcher, DataInfo, Dataset, data_sha256, heldout_batch, load_dataset,
+                             noisy_labels)
 from gradsparse.factory import Built, RunKeys, build, init_state, make_accumulator, make_optimizer, make_schedule
 from gradsparse.io import atomic_write_json
 from gradsparse.monitors import summarize
@@ -113,6 +114,14 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
     state = init_state(cfg, built, optimizer, acc)
     batcher = Batcher(ds, keys.data, cfg.batch_size, cfg.seq_len)
     xe, ye = heldout_batch(ds, cfg.eval_batch, cfg.seq_len, keys.heldout)
+    if cfg.flatness_subset and ds.kind != "text" and cfg.flatness_subset > ds.n_train:
+        raise ValueError(f"flatness_subset: {cfg.flatness_subset} exceeds the {ds.n_train} training examples; "
+                         f"allowed: at most {ds.n_train}")
+    fixed = None
+    if cfg.flatness_subset:  # a FIXED training subset for flatness and the monitors compared with it
+        fixed = (Batcher(ds, keys.data, cfg.flatness_subset, cfg.seq_len)(0) if ds.kind == "text"
+                 else (ds.x_train[:cfg.flatness_subset], ds.y_train[:cfg.flatness_subset]))
+    label_key = jax.random.fold_in(keys.data, LABEL_NOISE_TAG)
     header = {"config": cfg.to_dict(), "data_info": info.to_dict()}
     if out is not None:
         header["data_sha256"] = data_sha256(ds)
@@ -124,6 +133,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
     dp = DataParallel.auto(cfg.batch_size, enabled=cfg.data_parallel)
     model, state = dp.replicate(model), dp.replicate(state)
     xe, ye = dp.put_batch(xe), dp.put_batch(ye)
+    if fixed is not None:
+        fixed = tuple(jnp.asarray(a) for a in fixed)
     step_plain = make_train_step(optimizer, trainable, built.projections, monitors=False, accumulator=acc)
     step_mon = make_train_step(optimizer, trainable, built.projections, monitors=True, accumulator=acc)
     evaluate = make_eval_fn(trainable)
@@ -148,6 +159,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
     try:
         for s in range(first, cfg.steps):
             x, y = batcher(s)
+            if cfg.label_noise:
+                y = noisy_labels(y, jax.random.fold_in(label_key, s), cfg.label_noise, ds.num_classes)
             x, y = dp.put_batch(x), dp.put_batch(y)
             key = jax.random.fold_in(keys.noise, s)
             do_log = logged(s, cfg)
@@ -165,8 +178,14 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
                 rec.update({"heldout/loss": float(ev["loss"]), "heldout/accuracy": float(ev["accuracy"]),
                             "heldout_batch_size": int(xe.shape[0])})
                 rec.update(summarize(ev["layers"], "heldout"))
+                if fixed is not None:
+                    ef = evaluate(model, *fixed)
+                    rec.update({"fixed/loss": float(ef["loss"]), "fixed/accuracy": float(ef["accuracy"]),
+                                "fixed_batch_size": int(fixed[0].shape[0])})
+                    rec.update(summarize(ef["layers"], "fixed"))
                 if flat is not None and (s % cfg.flatness_every == 0 or s == cfg.steps - 1):
-                    fl = flat(model, jnp.asarray(x), jnp.asarray(y), jax.random.fold_in(keys.flatness, s))
+                    fx, fy = fixed if fixed is not None else (jnp.asarray(x), jnp.asarray(y))
+                    fl = flat(model, fx, fy, jax.random.fold_in(keys.flatness, s))
                     rec.update({f"flat/{k}": float(v) for k, v in fl.items()})
                 if acc is not None:
                     rec.update(covariance.log_metrics(acc, new_state[1], cfg.batch_size, s + 1))

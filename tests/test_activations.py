@@ -7,9 +7,10 @@ import pytest
 
 from gradsparse.activations import ACTIVATION_NAMES, JSReLU, Mixed, ReLU, TopK, get_activation, jsrelu
 
-SPECS = ["relu", "gelu", "relu2", "jsrelu", "shifted_relu(0.5,-0.3)", "sshaped(1.5,1.6,-1.6)", "mixed(0.3)"]
+SPECS = ["relu", "gelu", "relu2", "jsrelu", "shifted_relu(0.5,-0.3)", "sshaped(1.5,1.6,-1.6)",
+         "sshaped2(1.5,1.6,-1.6)", "mixed(0.3)"]
 KINKS = {"relu": [0.0], "relu2": [0.0], "jsrelu": [0.0], "gelu": [], "shifted_relu(0.5,-0.3)": [0.5],
-         "sshaped(1.5,1.6,-1.6)": [0.1, 3.1], "mixed(0.3)": [0.0]}
+         "sshaped(1.5,1.6,-1.6)": [0.1, 3.1], "sshaped2(1.5,1.6,-1.6)": [0.1, 3.1], "mixed(0.3)": [0.0]}
 
 
 def _grid(spec):
@@ -85,6 +86,16 @@ def test_topk_keeps_k_per_token():
     thresh = jnp.sort(z, -1)[:, -5][:, None]
     np.testing.assert_array_equal(kept, z >= thresh)
     np.testing.assert_array_equal(TopK(k=5).deriv(z), kept.astype(jnp.float32))
+
+
+def test_sshaped2_closed_form():
+    """relu(u - h)^2 - relu(-u - h)^2 + sy at hand-computed points; flat output sy on |u| <= h."""
+    act = get_activation("sshaped2(1.5,1.6,-1.6)")
+    z = jnp.asarray([1.6, 0.2, 3.0, 4.1, -0.9, -2.0])  # u = 0, -1.4, 1.4, 2.5, -2.5, -3.6
+    want = [-1.6, -1.6, -1.6, 1.0 - 1.6, -1.0 - 1.6, -(2.1 ** 2) - 1.6]
+    np.testing.assert_allclose(act(z), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(act.deriv(z), [0, 0, 0, 2.0, 2.0, 4.2], rtol=1e-6, atol=1e-6)
+    assert act.flat_value == -1.6 and np.asarray(act.flat_mask(z)).tolist() == [True, True, True, False, False, False]
 
 
 @pytest.mark.parametrize("bad", ["swish", "relu(1)", "sshaped(1,2)", "sshaped(-1,0,0)", "mixed(2)", "topk(0)",

@@ -210,7 +210,7 @@ def test_bounds_and_jitted_metrics():
     alpha = float(rmt.participation_ratio(cov))
     aniso = float(rmt.relative_anisotropy(cov))
     v = 1e-2
-    at, big_at = alpha / p, aniso / p
+    at, big_at = alpha / p, aniso  # At = A/p, A = sqrt(p) ||aC - I||_F = p x relative anisotropy (SPEC 3.3)
     common = math.sqrt(c + (2 * math.sqrt(2) + 3) * c * at / v + c * big_at / v + c / (v * p))
     assert float(m["c"]) == pytest.approx(c, rel=1e-6)
     assert float(m["participation_ratio"]) == pytest.approx(alpha, rel=1e-5)

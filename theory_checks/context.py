@@ -146,6 +146,28 @@ BASE: dict[str, dict[str, Any]] = {
                  batch_size=64, steps=6000, log_every=50, eval_batch=512, flatness_every=250, flatness_probes=16,
                  checkpoint_every=500),
 }
+BASE["standard"] = dict(BASE["quick"])
+
+#: The plain-SGD baseline of the claims about SGD noise (G3's SGD arm, G4, G5, G7, G8, G9): residual
+#: LN-MLP width 128, 4 blocks, plain SGD lr 0.1, batch 32, all 4000 mnist1d training examples,
+#: 2000 steps; Hutchinson traces (and the monitors compared with them, logged under fixed/...) on a
+#: FIXED 512-example training subset (SPEC 3.4); density verdicts on blocks 2..L. Chosen from a
+#: pilot (CHECKS_REVIEW.md, Exp 1, seed 0): held-out density of blocks 2-4 0.50 -> 0.36 at lr 0.1,
+#: 0.49 at lr 0.01 and 0.43 at batch 128, train loss 0.30 (not interpolated).
+SGD: dict[str, dict[str, Any]] = {
+    "smoke": dict(model="mlp", data="mnist1d", width=16, depth=2, mlp_ratio=4, optimizer="sgd", lr=0.1,
+                  batch_size=32, steps=120, log_every=20, eval_batch=128, flatness_every=40, flatness_probes=2,
+                  flatness_subset=128, checkpoint_every=0),
+    "quick": dict(model="mlp", data="mnist1d", width=128, depth=4, mlp_ratio=4, optimizer="sgd", lr=0.1,
+                  batch_size=32, steps=2000, log_every=100, eval_batch=512, flatness_every=200, flatness_probes=8,
+                  flatness_subset=512, checkpoint_every=0),
+    "full": dict(model="mlp", data="mnist1d", width=256, depth=4, mlp_ratio=4, optimizer="sgd", lr=0.1,
+                 batch_size=32, steps=6000, log_every=100, eval_batch=512, flatness_every=250, flatness_probes=16,
+                 flatness_subset=512, checkpoint_every=0),
+}
+SGD["standard"] = dict(SGD["quick"])
+#: what the SGD baseline is, for verdict lines
+SGD_MODEL = "residual LN-MLP (ReLU) on mnist1d, plain SGD (constant lr, no weight decay)"
 
 
 def base_config(preset: str, **changes: Any):
@@ -166,6 +188,89 @@ def base_runs(ctx: Context, *, flatness: bool = False, **changes: Any) -> list[A
     if changes:
         changes = {"checkpoint_every": 0, **({} if flatness else {"flatness_every": 0}), **changes}
     return ctx.seed_runs(base_config(ctx.preset, **changes), tag)
+
+
+#: The ONE pinned small Transformer of the module and weight-noise claims (G10, G11, G12): the causal
+#: byte LM on the embedded text (the Python standard library's sources, present on every machine),
+#: seq_len 32 tokens per sample, so the zeroth bias is a per-position bias (at S = 1 it would be a
+#: clipped copy of the key bias). Monitors and traces: all MLP blocks (no block sees raw features);
+#: Hutchinson traces on a FIXED subset of 256 training windows.
+LM: dict[str, dict[str, Any]] = {
+    "smoke": dict(model="lm", data="text", width=16, depth=1, heads=2, seq_len=16, mlp_ratio=4, optimizer="adam",
+                  lr=3e-3, batch_size=16, steps=40, log_every=10, eval_batch=32, flatness_every=20, flatness_probes=2,
+                  flatness_subset=32, checkpoint_every=0),
+    "quick": dict(model="lm", data="text", width=32, depth=2, heads=2, seq_len=32, mlp_ratio=4, optimizer="adam",
+                  lr=3e-3, batch_size=32, steps=800, log_every=100, eval_batch=128, flatness_every=200,
+                  flatness_probes=4, flatness_subset=256, checkpoint_every=0),
+    "full": dict(model="lm", data="text", width=128, depth=4, heads=4, seq_len=64, mlp_ratio=4, optimizer="adam",
+                 lr=1e-3, batch_size=64, steps=8000, log_every=200, eval_batch=256, flatness_every=1000,
+                 flatness_probes=8, flatness_subset=256, checkpoint_every=0),
+}
+LM["standard"] = dict(LM["quick"])
+
+
+def lm_config(preset: str, **changes: Any) -> TrainConfig:
+    """The :data:`LM` TrainConfig of ``preset`` with ``changes`` applied (validated)."""
+    if preset not in LM:
+        raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+    return TrainConfig.from_dict({**LM[preset], **changes})
+
+
+def lm_runs(ctx: Context, **changes: Any) -> list[Any]:
+    """The pinned byte LM (with ``changes``), one run per seed (cached: G10-G12 share the vanilla runs)."""
+    tag = "lm" if not changes else "lm-" + "-".join(f"{k}{v}" for k, v in sorted(changes.items()))
+    return ctx.seed_runs(lm_config(ctx.preset, **changes), tag)
+
+
+def sgd_config(preset: str, **changes: Any) -> TrainConfig:
+    """The :data:`SGD` TrainConfig of ``preset`` with ``changes`` applied (validated)."""
+    if preset not in SGD:
+        raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+    return TrainConfig.from_dict({**SGD[preset], **changes})
+
+
+def sgd_runs(ctx: Context, **changes: Any) -> list[Any]:
+    """The plain-SGD baseline (with ``changes``), one run per seed (cached: checks share it)."""
+    tag = "sgd" if not changes else "sgd-" + "-".join(f"{k}{v}" for k, v in sorted(changes.items()))
+    return ctx.seed_runs(sgd_config(ctx.preset, **changes), tag)
+
+
+def describe(cfg: TrainConfig) -> str:
+    """'residual LN-MLP w128 x4 (relu), sgd lr 0.1 B32, 2000 steps, mnist1d' for verdict lines."""
+    kind = {"mlp": "residual LN-MLP" if cfg.residual else "plain LN-MLP", "vit": "pre-LN ViT",
+            "lm": "causal byte LM"}[cfg.model]
+    extra = f", seq {cfg.seq_len}" if cfg.model == "lm" else ""
+    return (f"{kind} w{cfg.width} x{cfg.depth} ({cfg.activation}{extra}), {cfg.optimizer} lr {cfg.lr:g} "
+            f"B{cfg.batch_size}, {cfg.steps} steps, {cfg.data}")
+
+
+def tail(per_block: Sequence[Any]) -> Sequence[Any]:
+    """Blocks 2..L of a per-block sequence (all of it for a one-block model, e.g. the smoke preset)."""
+    return per_block[1:] if len(per_block) > 1 else per_block
+
+
+def late_blocks(history: Sequence[Mapping[str, Any]], key: str, first: int = 1, frac: float = 0.1) -> float:
+    """Mean over blocks ``first``.. (0-based; default: blocks 2..L) of a per-layer logged ``key``,
+    averaged over the last ``frac`` of training (at least the last log)."""
+    s = np.asarray([h["step"] for h in history if key in h], dtype=np.float64)
+    v = np.asarray([np.mean(h[key][first:] if len(h[key]) > first else h[key]) for h in history if key in h],
+                   dtype=np.float64)
+    if s.size == 0:
+        raise ValueError(f"key {key!r} not in the training log")
+    t = s / max(s[-1], 1.0)
+    m = t >= 1.0 - frac - 1e-9
+    return float(np.mean(v[m])) if m.any() else float(v[-1])
+
+
+def per_block_end(history: Sequence[Mapping[str, Any]], key: str, frac: float = 0.1) -> list[float]:
+    """Per-block value of a per-layer ``key``, averaged over the last ``frac`` of training."""
+    rows = [h for h in history if key in h]
+    if not rows:
+        raise ValueError(f"key {key!r} not in the training log")
+    t = np.asarray([h["step"] for h in rows], dtype=np.float64)
+    t = t / max(t[-1], 1.0)
+    sel = [h[key] for h, ti in zip(rows, t) if ti >= 1.0 - frac - 1e-9] or [rows[-1][key]]
+    return [float(x) for x in np.mean(np.asarray(sel, dtype=np.float64), axis=0)]
 
 
 def heldout(ctx: Context, cfg: Any, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,7 @@ import optax
 
 from gradsparse.models import default_trainable
 from gradsparse.step import make_eval_fn
-from theory_checks.context import BASE, base_config, base_runs, Context, heldout
+from theory_checks.context import BASE, base_config, base_runs, Context, describe, heldout
 from theory_checks.protocol import Check, Finding
 from theory_checks.verdicts import bound_verdict, fmt, mean_sd
 
@@ -32,7 +32,8 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 
 def independent_identity(model: Any, x: np.ndarray, y: np.ndarray) -> list[dict[str, np.ndarray]]:
-    """Per block: active counts |A_t| and the right side from per-sample gradients.
+    """Per block: the (sigma'^2-weighted) active counts and the right side from per-sample gradients
+    (SPEC 2.5: count_t = sum_i sigma'(z_ti)^2, |A_t| for ReLU-like sigma).
 
     Returns a list (one per MLP block) of {'count': (B,), 'rhs': (B,), 'valid': (B,) bool}; a token
     is valid when it has an active unit and a non-zero gradient on it.
@@ -57,11 +58,11 @@ def independent_identity(model: Any, x: np.ndarray, y: np.ndarray) -> list[dict[
         xt = np.asarray(aux[l]["x"])[:, 0, :]          # (B, d)
         g = np.asarray(ga[l], dtype=np.float64)        # (B, n)
         G = np.asarray(gk[l], dtype=np.float64)        # (B, n, d): dL_t/dK
-        active = z > 0
-        count = active.sum(-1).astype(np.float64)
+        w = np.asarray(blocks[l].act.deriv(jnp.asarray(z)), dtype=np.float64) ** 2  # sigma'(z)^2: 1[z > 0] for ReLU
+        count = w.sum(-1)
         af = np.sum(G * G, axis=(1, 2))
         xsq = np.sum(xt.astype(np.float64) ** 2, -1)
-        g2 = np.where(active, g * g, 0.0).sum(-1)
+        g2 = (w * g * g).sum(-1)
         valid = (count > 0) & (g2 > 0) & (xsq > 0)
         rhs = np.where(valid, af / np.where(valid, xsq * g2 / np.maximum(count, 1), 1.0), np.nan)
         out.append({"count": count, "rhs": rhs, "valid": valid})
@@ -71,7 +72,10 @@ def independent_identity(model: Any, x: np.ndarray, y: np.ndarray) -> list[dict[
 def run(ctx: Context, p: dict[str, Any]) -> Finding:
     cfg0 = base_config(ctx.preset)
     max_err, mon_err, mean_gap, n_tokens = [], [], [], []
-    for run_ in base_runs(ctx):
+    per_act: dict[str, list[float]] = {}
+    runs = [(act, r) for act in p["activations"]
+            for r in (base_runs(ctx) if act == "relu" else base_runs(ctx, activation=act))]
+    for act, run_ in runs:
         model = run_.model
         x, y = heldout(ctx, cfg0, p["tokens"])
         ind = independent_identity(model, x, y)
@@ -89,8 +93,14 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
         mean_gap.append(max(gaps))
         mon_err.append(float(np.max(np.asarray(mon["identity_relerr"]))))
         n_tokens.append(cnt)
+        per_act.setdefault(f"{act}/worst_relerr", []).append(max(max_err[-1], mon_err[-1], mean_gap[-1]))
     tol = cfg0.width * cfg0.mlp_ratio * EPS32
-    worst = [max(a, b, c) for a, b, c in zip(max_err, mon_err, mean_gap)]
+    # per seed: the worst error over every activation's model of that seed
+    worst_all = [max(a, b, c) for a, b, c in zip(max_err, mon_err, mean_gap)]
+    def by_seed(v: list[float]) -> list[float]:
+        return [max(v[i::len(ctx.seeds)]) for i in range(len(ctx.seeds))]
+
+    worst = by_seed(worst_all)
     verdict = bound_verdict(worst, passes=lambda v: v <= tol, fails=lambda v: v > 1e-3,
                             what="largest relative error (per-token identity, monitor vs vmap(grad))",
                             bound=f"<= n*eps32 = {fmt(tol)}", fail_bound="> 1e-3")
@@ -98,12 +108,13 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
         verdict,
         measured=(f"max per-token |count - rhs|/count {fmt(max(max_err))} (vmap(grad)); monitor relerr "
                   f"{fmt(max(mon_err))}; monitor vs independent means {fmt(max(mean_gap))}; tolerance {fmt(tol)} "
-                  f"({len(worst)} seeds, {sum(n_tokens)} tokens)"),
-        per_seed={"identity_relerr_vmap": max_err, "identity_relerr_monitor": mon_err,
-                  "monitor_vs_independent": mean_gap, "tokens_checked": n_tokens},
+                  f"({len(ctx.seeds)} seeds x activations {list(p['activations'])}, {sum(n_tokens)} tokens)"),
+        per_seed={"worst_relerr": worst, "identity_relerr_vmap": by_seed(max_err),
+                  "identity_relerr_monitor": by_seed(mon_err), "monitor_vs_independent": by_seed(mean_gap), **per_act},
         numbers={"tolerance": tol, "worst": max(worst)},
-        notes=[f"the shared baseline ({cfg0.steps}-step ReLU residual MLP, width {cfg0.width}, depth {cfg0.depth}), "
-               f"held-out batch of {p['tokens']}; errors over all blocks and valid tokens; mean worst {mean_sd(worst)}"],
+        model=f"{describe(cfg0)}; activations {list(p['activations'])}",
+        notes=[f"held-out batch of {p['tokens']}; errors over all blocks and valid tokens; count weighted by "
+               f"sigma'(z)^2 (SPEC 2.5 general form); mean worst {mean_sd(worst)}"],
     )
 
 
@@ -111,16 +122,16 @@ CHECK = Check(
     name="G1",
     slug="g01_identity",
     title="Sparsity identity (exact)",
-    claim=("For every token of a trained ReLU MLP block, the number of active units equals "
-           "AF_K,t / (||x_t||^2 mean_active g^2), to float precision, and the in-step monitor agrees "
+    claim=("For every token of a trained MLP block (ReLU, JSReLU, GELU), the sigma'^2-weighted number of active "
+           "units equals AF_K,t / (||x_t||^2 mean_w g^2), to float precision, and the in-step monitor agrees "
            "with per-sample gradients computed independently by vmap(grad)."),
     rule=("PASS when, in every seed, the largest relative error (per token, per block; and monitor vs "
           "independent means) is <= n * eps32 (n = hidden units: float32 summation of n terms); FAIL when "
           "it exceeds 1e-3 in a majority of seeds; else INCONCLUSIVE."),
     presets={
-        "smoke": {"base": BASE["smoke"], "tokens": 32},
-        "quick": {"base": BASE["quick"], "tokens": 256},
-        "full": {"base": BASE["full"], "tokens": 512},
+        "smoke": {"base": BASE["smoke"], "tokens": 32, "activations": ("relu",)},
+        "quick": {"base": BASE["quick"], "tokens": 256, "activations": ("relu", "jsrelu", "gelu")},
+        "full": {"base": BASE["full"], "tokens": 512, "activations": ("relu", "jsrelu", "gelu")},
     },
     run=run,
 )

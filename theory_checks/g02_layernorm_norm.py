@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradsparse.models import LayerNorm, ResidualMLP, zero_probes
-from theory_checks.context import BASE, base_config, base_runs, Context, heldout
+from theory_checks.context import BASE, base_config, base_runs, Context, heldout, describe
 from theory_checks.protocol import Check, Finding, Unavailable
 from theory_checks.verdicts import bound_verdict, combine, fmt, Verdict
 
@@ -101,7 +101,7 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
         _, aux = m(jnp.asarray(x), zero_probes(m.mlp_blocks(), x.shape[0]))
         aff.append(float(min(np.min(np.sum(np.asarray(a["x"]) ** 2, -1) / a["x"].shape[-1]) for a in aux)))
     per_seed["affine_min_norm2_over_d"] = aff
-    return Finding(combine(parts), measured, per_seed=per_seed, parts=parts,
+    return Finding(combine(parts), measured, per_seed=per_seed, parts=parts, model=describe(base_config(ctx.preset)),
                    numbers={"affine_min_norm2_over_d": min(aff)},
                    notes=[f"held-out batch of {x.shape[0]}; the ordinary affine LN of the baseline reaches "
                           f"min ||x||^2/d = {fmt(min(aff))} (no bound predicted there)"])

@@ -1,13 +1,19 @@
 """G6: sparsity follows the zero-DERIVATIVE region, not the zero output.
 
-Shifted S-shaped activation sigma(z) = sy + dead-zone(z - sx) with a flat middle of half-width
-h = 1.5 (sigma' = 0 for |z - sx| <= h) whose output there is sy = +-1.6, not 0. Four runs move the
-flat region left/right and its output up/down: (sx, sy) in {(+1.6, +1.6), (-1.6, +1.6),
-(+1.6, -1.6), (-1.6, -1.6)}. The theory predicts that pre-activations migrate INTO the flat region
-(derivative sparsity rises) although sitting there does not give a zero activation. Measured:
-derivative sparsity ``train/deriv_sparsity/mean`` (fraction of z with sigma'(z) = 0) at the first
-log and over the last 10% of training; for contrast the fraction of exact-zero activations
-(|a| <= 1e-6) on the held-out batch at the end (the flat output is +-1.6, so this stays ~0).
+The paper's squared S-shape sigma(z) = relu(u - h)^2 - relu(-u - h)^2 + sy, u = z - sx, flat
+half-width h = 1.5 (sigma' = 0 for |u| <= h, output sy there, not 0). By the sign symmetry of the
+network and its initialisation, the four shifts (sx, sy) in {+-1.6}^2 are two distinct conditions
+(CHECKS_REVIEW G6): same-sign (+1.6, +1.6) and opposite-sign (+1.6, -1.6). In the opposite-sign
+condition the flat region is also where |a| is smallest, so "zero derivative" and "small output"
+predict the same migration; only the SAME-SIGN condition discriminates: there the near-zero output
+(|a| < 0.25) lies below the flat region, so the competing hypothesis ("units move to where the
+output is small") predicts the opposite migration.
+
+Measured per block on the held-out batch, at initialisation and at the end: flat-region occupancy
+(fraction of z with sigma'(z) = 0) and zero-output occupancy (fraction of |a| < 0.25). Verdict on
+the same-sign condition, blocks 2..L (block 1 sees the raw input features; the pilot's block 1 did
+not move in either condition): the flat occupancy rises, and rises more than the zero-output
+occupancy. The opposite-sign condition is reported beside it.
 """
 
 from __future__ import annotations
@@ -19,63 +25,85 @@ import numpy as np
 
 from gradsparse.figures import plot_bands
 from gradsparse.models import zero_probes
-from theory_checks.context import BASE, base_config, base_runs, Context, end_value, heldout, series
+from theory_checks.context import tail, BASE, base_config, base_runs, Context, describe, heldout, init_model, series
 from theory_checks.protocol import Check, Finding
 from theory_checks.verdicts import combine, effect_verdict, mean_sd
 
 MIN_RISE = 0.05
-SHIFTS = ((1.6, 1.6), (-1.6, 1.6), (1.6, -1.6), (-1.6, -1.6))
+SOURCE = "pilot (CHECKS_REVIEW Exp 2, 2 seeds): same-sign block-2 flat occupancy +0.09 in both seeds"
+ZERO_BAND = 0.25
+CONDITIONS = {"same_sign": (1.6, 1.6), "opposite_sign": (1.6, -1.6)}
 
 
 def act_name(h: float, sx: float, sy: float) -> str:
-    return f"sshaped({h:g},{sx:g},{sy:g})"
+    return f"sshaped2({h:g},{sx:g},{sy:g})"
+
+
+def occupancy(model: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per block: (fraction of z in the flat set, fraction of |a| < ZERO_BAND) on inputs x."""
+    _, aux = model(jnp.asarray(x), zero_probes(model.mlp_blocks(), x.shape[0] * model.tokens_per_sample))
+    flat = [float(jnp.mean(blk.act.flat_mask(a["z"]))) for blk, a in zip(model.mlp_blocks(), aux)]
+    zero = [float(jnp.mean(jnp.abs(a["a"]) < ZERO_BAND)) for a in aux]
+    return np.asarray(flat), np.asarray(zero)
 
 
 def run(ctx: Context, p: dict[str, Any]) -> Finding:
-    parts, per_seed, ser = {}, {}, {"steps": None, "curves": {}}
-    measured = []
-    for sx, sy in SHIFTS[: p["shifts"]]:
+    per_seed: dict[str, list[float]] = {}
+    ser: dict[str, Any] = {"steps": None, "curves": {}}
+    measured, eff = [], {}
+    for label, (sx, sy) in CONDITIONS.items():
         name = act_name(p["half_width"], sx, sy)
+        cfg = base_config(ctx.preset, activation=name)
         runs = base_runs(ctx, activation=name)
-        start = [series(r.history, "train/deriv_sparsity/mean")[1][0] for r in runs]
-        end = [end_value(r.history, "train/deriv_sparsity/mean") for r in runs]
-        x, _ = heldout(ctx, base_config(ctx.preset))
-        zeros = []
-        for r in runs:
-            _, aux = r.model(jnp.asarray(x), zero_probes(r.model.mlp_blocks(), x.shape[0]))
-            zeros.append(float(np.mean([np.mean(np.abs(np.asarray(a["a"])) <= 1e-6) for a in aux])))
-        label = f"sx={sx:+g},sy={sy:+g}"
-        parts[label] = effect_verdict([e - s for s, e in zip(start, end)], MIN_RISE,
-                                      what=f"derivative-sparsity rise ({name})")
-        per_seed.update({f"{label}/deriv_sparsity_start": start, f"{label}/deriv_sparsity_end": end,
-                         f"{label}/exact_zero_fraction_end": zeros})
-        measured.append(f"{label}: deriv sparsity {mean_sd(start)} -> {mean_sd(end)} (exact zeros {mean_sd(zeros)})")
+        ds = ctx.data(cfg.data, cfg.n_train, cfg.n_test)
+        x, _ = heldout(ctx, cfg)
+        rise, rise_zero, blocks_end = [], [], []
+        for s, r in zip(ctx.seeds, runs):
+            f0, z0 = occupancy(init_model(cfg.replace(seed=s), ds), x)
+            f1, z1 = occupancy(r.model, x)
+            rise.append(float(np.mean(tail(f1 - f0))))
+            rise_zero.append(float(np.mean(tail(z1 - z0))))
+            blocks_end.append(f1.tolist())
+        eff[label] = (rise, rise_zero)
+        per_seed.update({f"{label}/flat_rise_blocks2L": rise, f"{label}/zero_output_rise_blocks2L": rise_zero,
+                         f"{label}/test_accuracy": [r.final["test_accuracy"] for r in runs]})
+        mean_blocks = np.mean(blocks_end, axis=0)
+        measured.append(f"{label} {name}: flat occupancy rise (blocks 2..L) {mean_sd(rise)}, zero-output rise "
+                        f"{mean_sd(rise_zero)}; flat occupancy per block at the end {np.round(mean_blocks, 3).tolist()}")
         st, _ = series(runs[0].history, "train/deriv_sparsity/mean")
         ser["steps"] = st.tolist()
-        ser["curves"][label] = [series(r.history, "train/deriv_sparsity/mean")[1].tolist() for r in runs]
+        ser["curves"][label] = [[float(np.mean(tail(h["train/deriv_sparsity"]))) for h in r.history] for r in runs]
+    rise, rise_zero = eff["same_sign"]
+    parts = {
+        "same_sign_flat_rises": effect_verdict(rise, MIN_RISE, source=SOURCE,
+                                               what="same-sign: flat-region occupancy rise, blocks 2..L"),
+        "same_sign_flat_beats_zero_output": effect_verdict(
+            [a - b for a, b in zip(rise, rise_zero)], MIN_RISE, source=SOURCE,
+            what="same-sign: flat-occupancy rise - zero-output-occupancy rise, blocks 2..L"),
+    }
     return Finding(combine(parts), "; ".join(measured), per_seed=per_seed, parts=parts, series=ser,
-                   notes=[f"activation sshaped(h={p['half_width']}, sx, sy) in the baseline MLP "
-                          f"({BASE[ctx.preset]['optimizer']}, {BASE[ctx.preset]['steps']} steps)"])
+                   model=describe(base_config(ctx.preset, activation=act_name(p["half_width"], 1.6, 1.6))),
+                   notes=["the opposite-sign condition cannot discriminate (its flat region is also the small-output "
+                          "region); it is reported, not judged"])
 
 
 def figures(ser: dict[str, Any], out_dir) -> list:
     bands = {k: (ser["steps"], v) for k, v in ser["curves"].items()}
-    return plot_bands(bands, out_dir / "g06_deriv_sparsity", ylabel="fraction of z in the flat region",
-                      title="G6: S-shaped activation, flat region (sigma' = 0) occupancy")
+    return plot_bands(bands, out_dir / "g06_deriv_sparsity", ylabel="flat-region occupancy, blocks 2..L (train)",
+                      title="G6: squared S-shape, flat region (sigma' = 0) occupancy")
 
 
 CHECK = Check(
     name="G6",
     slug="g06_flat_region",
     title="Sparsity follows the zero-derivative region",
-    claim=("With a shifted S-shaped activation whose flat region (half-width 1.5, shifted by +-1.6) outputs +-1.6 "
-           "instead of 0, training moves pre-activations into the flat region: derivative sparsity rises in all "
-           "four shift combinations."),
-    rule=(f"Per shift: effect = derivative sparsity (mean of last 10% of logs) - derivative sparsity at the first "
-          f"log; PASS when > 0 in every seed with mean > {MIN_RISE}, FAIL when < 0 in a majority; the claim "
-          f"passes when all four shifts pass and fails when any fails."),
-    presets={k: {"base": BASE[k], "half_width": 1.5, "shifts": 2 if k == "smoke" else 4}
-             for k in ("smoke", "quick", "full")},
+    claim=("With the paper's squared S-shaped activation whose flat region (half-width 1.5, shifted by 1.6) outputs "
+           "1.6 instead of 0, training moves pre-activations into the flat region, not toward the near-zero output."),
+    rule=(f"Same-sign condition (the discriminating one), blocks 2..L on the held-out batch, init vs end: effect 1 = "
+          f"rise of the flat-region occupancy; effect 2 = that rise minus the rise of the |a| < {ZERO_BAND} occupancy; "
+          f"delta = {MIN_RISE} for both; PASS when every part's lower bound > 0 and mean > delta, FAIL when a part's "
+          f"upper bound < delta survives Holm's correction. The opposite-sign condition is reported, not judged."),
+    presets={k: {"base": BASE[k], "half_width": 1.5} for k in ("smoke", "quick", "full")},
     run=run,
     figures=figures,
 )

@@ -18,9 +18,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gradsparse.io import json_ready
-from theory_checks.verdicts import Verdict
+from theory_checks.verdicts import Gate, Verdict
 
-PRESETS = ("smoke", "quick", "full")
+#: smoke: the test suite's code-path run (not evidence); quick: the README's main job (~15 min on
+#: 2 CPU cores, 3 seeds); standard: 5 seeds and the full protocols at CPU sizes (< 90 min on 2
+#: cores); full: sized for a GPU (runs anywhere)
+PRESETS = ("smoke", "quick", "standard", "full")
+#: default number of seeds per preset
+PRESET_SEEDS = {"smoke": 3, "quick": 3, "standard": 5, "full": 5}
 
 
 @dataclass
@@ -30,7 +35,9 @@ class Finding:
     ``verdict``: the decided :class:`Verdict`; ``measured``: one line with the key numbers;
     ``per_seed``: {metric: [value per seed]}; ``numbers``: {name: summary number};
     ``parts``: {part name: Verdict} for multi-part claims; ``series``: JSON-ready data for
-    figures (see ``gradsparse.figures``); ``notes``: free-text remarks (settings, caveats).
+    figures (see ``gradsparse.figures``); ``notes``: free-text remarks (settings, caveats);
+    ``gates``: the regime premises (:class:`theory_checks.verdicts.Gate`) — when one fails the
+    check is INCONCLUSIVE "regime not reached"; ``model``: what was trained (named in the report).
     """
 
     verdict: Verdict
@@ -40,6 +47,8 @@ class Finding:
     parts: dict[str, Verdict] = field(default_factory=dict)
     series: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    gates: list[Gate] = field(default_factory=list)
+    model: str = ""
 
 
 @dataclass
@@ -66,6 +75,8 @@ class CheckResult:
     elapsed_s: float
     series: dict[str, Any] = field(default_factory=dict, repr=False)
     error: str | None = None
+    gates: list[dict[str, Any]] = field(default_factory=list)
+    model: str = ""
 
     def to_dict(self, with_series: bool = False) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -93,6 +104,8 @@ class Check:
     figures: Callable[[dict[str, Any], Path], list[Path]] | None = None
 
     def __post_init__(self) -> None:
+        if "standard" not in self.presets and "quick" in self.presets:  # standard = quick sizes, 5 seeds
+            self.presets["standard"] = dict(self.presets["quick"])
         missing = [p for p in PRESETS if p not in self.presets]
         if missing:
             raise ValueError(f"check {self.name}: presets {missing} are missing")

@@ -42,6 +42,7 @@ def render_markdown(results: Sequence[Any], meta: dict[str, Any]) -> str:
     lines += ["", "## Details", ""]
     for r in results:
         lines += [f"### {r.name}: {r.title}", "",
+                  f"- Model: {r.model or 'see the check'}",
                   f"- Prediction: {r.claim}",
                   f"- Rule: {r.rule}",
                   f"- Verdict: **{r.verdict}**, {r.agree}/{r.n} seeds agree. {r.reason}",
@@ -49,6 +50,9 @@ def render_markdown(results: Sequence[Any], meta: dict[str, Any]) -> str:
                   f"- Seeds: {r.seeds}; preset {r.preset}; {r.elapsed_s:.1f} s"]
         if r.error:
             lines.append(f"- CRASHED: traceback in `{r.slug}.error.txt`")
+        for g in r.gates:
+            lines.append(f"- Gate {g['name']}: {fmt(g['value'])} (needs {g['op']} {fmt(g['threshold'])}; "
+                         f"{'met' if g['ok'] else 'NOT met'}){': ' + g['what'] if g.get('what') else ''}")
         for note in r.notes:
             lines.append(f"- Note: {note}")
         if r.parts:

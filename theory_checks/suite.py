@@ -18,7 +18,7 @@ from gradsparse.runtime import enable_compilation_cache
 from theory_checks.context import Context
 from theory_checks.protocol import Check, CheckResult, Finding, Unavailable
 from theory_checks.report import write_report
-from theory_checks.verdicts import Verdict
+from theory_checks.verdicts import Verdict, gated
 
 
 def run_check(check: Check, ctx: Context, *, fig_dir: Path | None = None) -> CheckResult:
@@ -44,14 +44,15 @@ def run_check(check: Check, ctx: Context, *, fig_dir: Path | None = None) -> Che
                 figs.append(str(p.relative_to(ctx.out_dir)) if ctx.out_dir is not None else str(p))
             except ValueError:
                 figs.append(str(p))
-    v = finding.verdict
+    v = gated(finding.verdict, finding.gates)
     return CheckResult(
         name=check.name, slug=check.slug, title=check.title, claim=check.claim, rule=check.rule, preset=ctx.preset,
         seeds=list(ctx.seeds), verdict=v.verdict, agree=v.agree, n=v.n, reason=v.reason, measured=finding.measured,
         per_seed={k: [float(x) for x in vals] for k, vals in finding.per_seed.items()},
         numbers={k: float(x) for k, x in finding.numbers.items()},
         parts={k: p.to_dict() for k, p in finding.parts.items()}, notes=list(finding.notes), figures=figs,
-        elapsed_s=round(time.time() - t0, 2), series=finding.series)
+        elapsed_s=round(time.time() - t0, 2), series=finding.series, gates=[g.to_dict() for g in finding.gates],
+        model=finding.model)
 
 
 def crash_result(check: Check, ctx: Context, exc: BaseException, elapsed: float) -> CheckResult:

@@ -25,12 +25,14 @@ DEFAULT_OUT = Path("runs/check")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="*", metavar="NAME", help="checks to run (G1 ... G14, or slugs); default: all")
-    p.add_argument("--preset", choices=("smoke", "quick", "full"), default="quick",
-                   help="smoke: seconds per check (tests); quick (default): the whole suite in ~15 min on 2 CPU "
-                        "cores; full: larger models, more steps and seeds (meant for a GPU)")
+    p.add_argument("--preset", choices=("smoke", "quick", "standard", "full"), default="quick",
+                   help="smoke: seconds per check, a code-path test, not evidence; quick (default): the whole "
+                        "suite in under 15 min on 2 CPU cores, 3 seeds; standard: 5 seeds and the full protocols, "
+                        "under 90 min on 2 cores; full: larger models and more steps (meant for a GPU)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"report folder (default {DEFAULT_OUT})")
     p.add_argument("--seeds", type=int, default=None, metavar="N",
-                   help="number of seeds (0..N-1); default 3 (smoke, quick) or 5 (full); verdicts need >= 3")
+                   help="number of seeds (0..N-1); default 3 (smoke, quick) or 5 (standard, full); verdicts "
+                        "need >= 3")
     p.add_argument("--list", action="store_true", help="list the checks with their claims and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-check lines")
 
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.seeds is not None and args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    n = args.seeds if args.seeds is not None else (5 if args.preset == "full" else 3)
+    n = args.seeds if args.seeds is not None else (5 if args.preset in ("standard", "full") else 3)
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")

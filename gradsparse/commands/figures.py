@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("figures"), help="where the figures go (default figures/)")
     p.add_argument("--from", dest="source", type=Path, default=None,
                    help="a `gradsparse check` report folder to draw from (nothing is trained)")
-    p.add_argument("--preset", choices=("smoke", "quick", "full"), default="quick",
+    p.add_argument("--preset", choices=("smoke", "quick", "standard", "full"), default="quick",
                    help="preset of the checks run when --from is not given (default quick)")
     p.add_argument("--work", type=Path, default=Path("runs/figures"),
                    help="report folder for the checks run when --from is not given (default runs/figures)")
