@@ -671,9 +671,11 @@ def from_tensors(
 
 
 def names_by_reason(skipped: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
-    """``{reason kind: [names]}`` for a compact "skipped" summary (the reason up to its first '(')."""
+    """``{reason kind: [names]}`` for a compact "skipped" summary (the kind: the reason's last
+    parenthesised part, e.g. ``bias or norm scale: no spectrum``, else the whole reason)."""
     out: dict[str, list[str]] = {}
     for name, reason in skipped:
-        kind = reason.split(" (", 1)[-1].rstrip(")") if "(" in reason else reason
+        m = re.search(r"\(([^()]*)\)$", reason)
+        kind = m.group(1) if m else reason
         out.setdefault(kind, []).append(name)
     return out
