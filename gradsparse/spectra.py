@@ -67,6 +67,7 @@ axes are skipped. An input without any 2-D weight raises ``ValueError``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -81,6 +82,11 @@ import scipy.linalg
 from tqdm.auto import tqdm
 
 from gradsparse import rmt, weights
+
+try:  # optional: without it BLAS keeps its own thread count (see _blas_threads)
+    from threadpoolctl import ThreadpoolController
+except ImportError:  # pragma: no cover - depends on the environment
+    ThreadpoolController = None
 
 __all__ = [
     "SpectrumRow",
@@ -199,10 +205,32 @@ def default_rtol(shape: Sequence[int], dtype: Any) -> float:
     return float(max(int(d) for d in shape)) * eps
 
 
+#: Gram sizes up to this run LAPACK/BLAS on one thread (when threadpoolctl is installed).
+SINGLE_THREAD_MAX = 512
+_controller: list[Any] = []
+
+
+def _blas_threads(k: int) -> Any:
+    """One BLAS thread for a ``k x k`` Gram with ``k <= SINGLE_THREAD_MAX``, else no change.
+
+    Measured on this 2-core machine with other work running (load average ~7): the 40 matrices of
+    all-MiniLM-L6-v2 (Grams of 2..384) took 5.8-14 s with OpenBLAS's default 2 threads and
+    1.0-1.5 s on one (idle threads spin while the other core is busy); for Grams this small a
+    second thread gains nothing measurable on an idle machine either. Larger Grams keep BLAS's
+    threads. Needs threadpoolctl (no effect without it).
+    """
+    if ThreadpoolController is None or k > SINGLE_THREAD_MAX:
+        return contextlib.nullcontext()
+    if not _controller:
+        _controller.append(ThreadpoolController())
+    return _controller[0].limit(limits=1, user_api="blas")
+
+
 def _gram_eigs(w64: np.ndarray) -> np.ndarray:
     """Eigenvalues (ascending) of the smaller Gram matrix of a float64 matrix."""
     b = w64 if w64.shape[0] <= w64.shape[1] else w64.T
-    return np.linalg.eigvalsh(b @ b.T)
+    with _blas_threads(b.shape[0]):
+        return np.linalg.eigvalsh(b @ b.T)
 
 
 def singular_values(w: Any, route: str = "auto", rtol: float | None = None) -> tuple[np.ndarray, str]:
@@ -233,13 +261,15 @@ def singular_values(w: Any, route: str = "auto", rtol: float | None = None) -> t
 def _sv(a64: np.ndarray, route: str, rtol: float) -> tuple[np.ndarray, str]:
     """Unchecked core of :func:`singular_values` (finite float64 2-D input)."""
     if route == "svd":
-        return np.sort(scipy.linalg.svdvals(a64, check_finite=False))[::-1], "svd"
+        with _blas_threads(min(a64.shape)):
+            return np.sort(scipy.linalg.svdvals(a64, check_finite=False))[::-1], "svd"
     lam = _gram_eigs(a64)
     s = np.sqrt(np.maximum(lam, 0.0))[::-1]
     if route == "auto" and s[0] > 0:
         floor = 10.0 * math.sqrt(min(a64.shape) * _EPS64) * s[0]
         if rtol * s[0] < floor and s[-1] < floor:
-            return np.sort(scipy.linalg.svdvals(a64, check_finite=False))[::-1], "svd"
+            with _blas_threads(min(a64.shape)):
+                return np.sort(scipy.linalg.svdvals(a64, check_finite=False))[::-1], "svd"
     return s, "gram"
 
 

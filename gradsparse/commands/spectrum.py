@@ -82,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-figures", action="store_true", help="print only; write no figures or spectrum.json")
     parser.add_argument("--max-esd", type=int, default=16,
                         help="per-matrix ESD figures only for models with at most this many matrices (default 16)")
+    parser.add_argument("--formats", default="png,pdf",
+                        help="figure formats, comma-separated, from png, pdf, svg (default png,pdf)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--max-checkpoints", type=int, default=20,
                         help="checkpoints used for the vs-step figures, evenly spaced (default 20)")
@@ -118,7 +120,7 @@ def _safe(name: str) -> str:
 
 
 def _figures(rows: list[spectra.SpectrumRow], history_rows: list[tuple[int, list]], out: Path, document: str,
-             max_esd: int) -> list[Path]:
+             max_esd: int, formats: tuple[str, ...]) -> list[Path]:
     from gradsparse import figures_spectra as fs  # matplotlib: imported only when figures are drawn
 
     written = [atomic_write_text(out / "spectrum.json", document + "\n")]
@@ -131,15 +133,15 @@ def _figures(rows: list[spectra.SpectrumRow], history_rows: list[tuple[int, list
             eigs = r.sv * r.sv / n_big
             title = f"{r.name} {r.shape[0]}x{r.shape[1]}: ESD of W W^T / {n_big}"
             written += fs.plot_esd(eigs, out / f"esd_{_safe(r.name)}", fit=r.mp_fit, c_pred=k / n_big,
-                                   s2_pred=float(np.sum(eigs)) / k, title=title)
+                                   s2_pred=float(np.sum(eigs)) / k, title=title, formats=formats)
     if layered:
-        written += fs.plot_model_spectra(rows, out)
+        written += fs.plot_model_spectra(rows, out, formats=formats)
     if len(history_rows) >= 2:
         for col, ylabel in (("ratio", "s_max / s_min (non-zero)"), ("mass80_ratio", "80%-mass ratio of W W^T")):
             written += fs.plot_ratio_vs_step(fs.series_from_rows(history_rows, col), out / f"{col}_vs_step",
-                                             ylabel=ylabel)
+                                             ylabel=ylabel, formats=formats)
         written += fs.plot_near_zero_vs_step(fs.series_from_rows(history_rows, "near_zero_rate"),
-                                             out / "near_zero_rate_vs_step")
+                                             out / "near_zero_rate_vs_step", formats=formats)
     return written
 
 
@@ -182,6 +184,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-esd must be >= 0, got {args.max_esd}")
     if args.meta and not args.json:
         raise ValueError("--meta only applies with --json")
+    formats = tuple(f.strip().lower() for f in args.formats.split(",") if f.strip())
+    if not formats or any(f not in ("png", "pdf", "svg") for f in formats):
+        raise ValueError(f"--formats: {args.formats!r} is not a comma-separated list of png, pdf, svg")
     figures = not args.no_figures
     roles = dict(args.role)
     wset = weights.weight_matrices(path, args.select, roles=roles, layout=args.layout)
@@ -227,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     if figures:
         out = Path(args.out) if args.out else _default_out(path, wset.conventions["format"])
         document = spectra.rows_to_json(rows, metadata=meta)
-        written = _figures(rows, history_rows, out, document, args.max_esd)
+        written = _figures(rows, history_rows, out, document, args.max_esd, formats)
         if not args.json:
             print(f"wrote {len(written)} files to {out}")
     return 0
