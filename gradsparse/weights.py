@@ -106,7 +106,7 @@ _SPLIT_QKV = frozenset({"c_attn", "qkv", "qkv_proj", "wqkv", "in_proj_weight", "
 _KEPT_QKV = frozenset({"query_key_value", "qkv_fused"})
 _HEADS = frozenset({"lm_head", "head", "heads", "classifier", "pooler", "score", "embed_out", "qa_outputs",
                     "cls", "output_layer", "proj_out"})
-_ATTN_Q = frozenset({"query", "q", "q_proj", "q_lin", "wq", "to_q"})
+_ATTN_Q = frozenset({"query", "q", "q_proj", "q_lin", "wq", "to_q", "q_attn"})
 _ATTN_K = frozenset({"key", "k", "k_proj", "k_lin", "wk", "to_k"})
 _ATTN_V = frozenset({"value", "v", "v_proj", "v_lin", "wv", "to_v"})
 _ATTN_O = frozenset({"o", "o_proj", "out_proj", "out_lin", "wo", "c_proj", "out", "proj", "dense", "to_out",
