@@ -434,7 +434,10 @@ def plot_model_spectra(
     if not (isinstance(max_panels, int) and max_panels >= 1):
         raise ValueError(f"max_panels: must be an int >= 1, got {max_panels!r}")
     out_dir = Path(out_dir)
-    good = [r for r in rows if getattr(r, "error", None) is None and getattr(r, "sv", None) is not None]
+    for r in rows:
+        if not all(hasattr(r, a) for a in ("name", "shape", "role", "layer", "sv", "mp_fit", "error")):
+            raise ValueError(f"rows: expected gradsparse.spectra.SpectrumRow items, got {type(r).__name__}")
+    good = [r for r in rows if r.error is None and r.sv is not None]
     written: list[Path] = []
     roles: dict[str, list[Any]] = {}
     for r in good:

@@ -563,6 +563,8 @@ def table_metadata(
     conventions and skipped tensors (from ``wset``), and the settings used."""
     from gradsparse import __version__
 
+    if wset is not None and not isinstance(wset, weights.WeightSet):
+        raise ValueError(f"wset: must be a weights.WeightSet or None, got {type(wset).__name__}")
     meta: dict[str, Any] = {
         "gradsparse": __version__,
         "source": source,

@@ -187,6 +187,8 @@ def detect_format(path: str | os.PathLike) -> str:
     """The format of ``path``: ``gradsparse``, ``npz``, ``safetensors``, ``safetensors-index``, ``hf``,
     ``torch`` or ``torch-index``. FileNotFoundError when nothing is there; ValueError (one line that
     lists the supported formats) for anything else."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path: must be a str or path, got {type(path).__name__}; allowed: " + "; ".join(SUPPORTED))
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no file or folder at {p}")
@@ -219,6 +221,8 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def read_config(path: str | os.PathLike) -> dict[str, Any] | None:
     """The Hugging Face ``config.json`` of a model folder (or next to a weight file), else None."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path: must be a str or path, got {type(path).__name__}")
     p = Path(path)
     cfg = (p if p.is_dir() else p.parent) / "config.json"
     if not cfg.is_file():
@@ -399,8 +403,8 @@ def _gradsparse_store(p: Path, skipped: list[tuple[str, str]]) -> _Store:
 
 
 def _store(path: str | os.PathLike, skipped: list[tuple[str, str]]) -> _Store:
+    fmt = detect_format(path)
     p = Path(path)
-    fmt = detect_format(p)
     if fmt == "hf":
         for name, sub in (("model.safetensors", "safetensors"), ("model.safetensors.index.json", "safetensors-index"),
                           ("pytorch_model.bin", "torch"), ("pytorch_model.bin.index.json", "torch-index")):
@@ -674,7 +678,10 @@ def names_by_reason(skipped: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
     """``{reason kind: [names]}`` for a compact "skipped" summary (the kind: the reason's last
     parenthesised part, e.g. ``bias or norm scale: no spectrum``, else the whole reason)."""
     out: dict[str, list[str]] = {}
-    for name, reason in skipped:
+    for item in skipped:
+        if not (isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item)):
+            raise ValueError(f"skipped: expected (name, reason) pairs of str, got {item!r}")
+        name, reason = item
         m = re.search(r"\(([^()]*)\)$", reason)
         kind = m.group(1) if m else reason
         out.setdefault(kind, []).append(name)

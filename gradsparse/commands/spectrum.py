@@ -31,7 +31,6 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
