@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -29,6 +30,10 @@ __all__ = [
     "plot_near_zero_vs_step",
     "plot_bounds_vs_step",
     "series_from_rows",
+    "plot_esd_grid",
+    "plot_vs_depth",
+    "series_by_layer",
+    "plot_model_spectra",
 ]
 
 FORMATS = ("png", "pdf")
@@ -116,6 +121,25 @@ def plot_esd(
     lam = np.asarray(eigs, dtype=np.float64).ravel()
     if lam.size == 0 or not np.all(np.isfinite(lam)):
         raise ValueError("plot_esd needs a non-empty array of finite eigenvalues")
+    fig = _new_figure()
+    ax = fig.add_subplot(1, 1, 1)
+    _draw_esd(ax, lam, fit=fit, c_pred=c_pred, s2_pred=s2_pred, spikes=spikes, title=title, bins=bins)
+    return save_figure(fig, out, formats)
+
+
+def _draw_esd(
+    ax: Any,
+    lam: np.ndarray,
+    *,
+    fit: Any = None,
+    c_pred: float | None = None,
+    s2_pred: float | None = None,
+    spikes: Any = None,
+    title: str | None = None,
+    bins: int | None = None,
+    fontsize: float = 7,
+) -> None:
+    """Draw the ESD of ``lam`` (finite, non-empty) with its MP overlays on ``ax`` (see :func:`plot_esd`)."""
     top = float(np.max(np.abs(lam)))
     pos = lam[lam > 1e-9 * top] if top > 0 else lam[:0]
     fit_s2 = fit_c = None
@@ -143,13 +167,12 @@ def plot_esd(
         xmax = max(xmax, 1.05 * float(np.max(close)))
     far = spk[spk > xmax]
 
-    fig = _new_figure()
-    ax = fig.add_subplot(1, 1, 1)
     nb = bins if bins is not None else int(min(120, max(10, pos.size // 6)))
     if pos.size:
         in_range = pos[pos <= xmax]
         ax.hist(in_range, bins=nb, range=(0.0, xmax), weights=np.full(in_range.size, nb / (xmax * lam.size)),
-                color="0.75", edgecolor="0.55", label=f"ESD ({lam.size} eigenvalues)")
+                histtype="stepfilled", color="0.75", edgecolor="0.55",  # one polygon, not a patch per bin
+                label=f"ESD ({lam.size} eigenvalues)")
     xs = np.linspace(0.0, xmax, 800)[1:]
     if fit_s2 is not None:
         ax.plot(xs, rmt.mp_pdf(xs, fit_c, fit_s2), color="C0", lw=2,
@@ -171,9 +194,8 @@ def plot_esd(
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
     if title:
-        ax.set_title(title)
-    ax.legend(fontsize=7)
-    return save_figure(fig, out, formats)
+        ax.set_title(title, fontsize=fontsize + 2 if fontsize < 7 else None)
+    ax.legend(fontsize=fontsize)
 
 
 def _series_plot(
@@ -283,3 +305,141 @@ def series_from_rows(rows_by_step: Sequence[tuple[int, Sequence[Any]]], column: 
             xs.append(step)
             ys.append(math.nan if v is None else float(v))
     return out
+
+
+def plot_esd_grid(
+    panels: Sequence[tuple[str, Any, Any]],
+    out: str | os.PathLike,
+    *,
+    title: str | None = None,
+    ncols: int = 4,
+    formats: Sequence[str] = FORMATS,
+) -> list[Path]:
+    """Small multiples of ESDs: ``panels`` is ``[(label, eigs, fit), ...]`` (``fit``: an
+    :class:`rmt.MPFit`, a dict as in :func:`plot_esd`, or None), one panel each, drawn as
+    :func:`plot_esd` draws one (MP fit as a solid line with its edge, spikes as red ticks)."""
+    panels = list(panels)
+    if not panels:
+        raise ValueError("plot_esd_grid needs at least one panel")
+    if not (isinstance(ncols, int) and ncols >= 1):
+        raise ValueError(f"ncols: must be an int >= 1, got {ncols!r}")
+    cols = min(ncols, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig = _new_figure((3.4 * cols, 2.7 * nrows))
+    for i, panel in enumerate(panels):
+        try:
+            label, eigs, fit = panel
+        except (TypeError, ValueError):
+            raise ValueError(f"panel {i}: must be (label, eigs, fit)") from None
+        lam = np.asarray(eigs, dtype=np.float64).ravel()
+        if lam.size == 0 or not np.all(np.isfinite(lam)):
+            raise ValueError(f"panel {label!r}: needs a non-empty array of finite eigenvalues")
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        _draw_esd(ax, lam, fit=fit, title=str(label), fontsize=5.5)
+        ax.xaxis.label.set_size(7)
+        ax.yaxis.label.set_size(7)
+        ax.tick_params(labelsize=6)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, out, formats)
+
+
+def plot_vs_depth(
+    series: Mapping[str, Any],
+    out: str | os.PathLike,
+    *,
+    ylabel: str,
+    logy: bool = True,
+    title: str | None = None,
+    formats: Sequence[str] = FORMATS,
+) -> list[Path]:
+    """A column (ratio, 80%-mass ratio, stable rank, ...) vs layer index, one line per series
+    (``{label: (layers, values)}``, e.g. from :func:`series_by_layer`)."""
+    return _series_plot(series, out, xlabel="layer", ylabel=ylabel, what="plot_vs_depth", logy=logy,
+                        title=title, formats=formats)
+
+
+def _row_dict(r: Any) -> Mapping[str, Any]:
+    return r if isinstance(r, Mapping) else r.to_dict()
+
+
+def series_by_layer(rows: Sequence[Any], column: str) -> dict[str, tuple[list, list]]:
+    """Rows (:class:`gradsparse.spectra.SpectrumRow` or dicts with ``role`` and ``layer``) ->
+    ``{label: (layers, values)}`` for one column, layers ascending. Rows without a layer index are
+    left out; the label is the role, or ``role: name pattern`` (the name with its layer index as
+    ``*``) when a role has matrices of several names per layer (LLaMA's gate and up projections)."""
+    groups: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for r in rows:
+        d = _row_dict(r)
+        if column not in d:
+            raise ValueError(f"unknown column {column!r}; available: {sorted(d)}")
+        if d.get("layer") is None:
+            continue
+        pattern = re.sub(rf"(^|[./]){int(d['layer'])}([./]|$)", r"\1*\2", str(d["name"]), count=1)
+        v = d[column]
+        groups.setdefault((str(d.get("role", "other")), pattern), []).append(
+            (int(d["layer"]), math.nan if v is None else float(v)))
+    per_role: dict[str, int] = {}
+    for role, _ in groups:
+        per_role[role] = per_role.get(role, 0) + 1
+    out: dict[str, tuple[list, list]] = {}
+    for (role, pattern), pts in groups.items():
+        pts.sort()
+        label = role if per_role[role] == 1 else f"{role}: {pattern}"
+        out[label] = ([p[0] for p in pts], [p[1] for p in pts])
+    return out
+
+
+def plot_model_spectra(
+    rows: Sequence[Any],
+    out_dir: str | os.PathLike,
+    *,
+    max_panels: int = 12,
+    formats: Sequence[str] = FORMATS,
+) -> list[Path]:
+    """Figures of a whole model from its spectrum rows (kept with ``keep_sv=True`` and ``fit=True``).
+
+    * ``esd_role_<role>``: per role, the ESD of ``W W^T / N`` (``N = max(rows, cols)``) of each of its
+      matrices (at most ``max_panels``, evenly spread over depth) against the fitted MP law, spikes
+      marked; the panel title says the layer, the fitted ``c`` and KS, and whether ``fit_ok``.
+    * ``ratio_vs_depth``, ``mass80_ratio_vs_depth``, ``stable_rank_vs_depth``: per role vs layer
+      index (only when rows carry at least two layer indices).
+
+    Rows with ``error`` or without singular values are left out. Returns the written paths.
+    """
+    if not (isinstance(max_panels, int) and max_panels >= 1):
+        raise ValueError(f"max_panels: must be an int >= 1, got {max_panels!r}")
+    out_dir = Path(out_dir)
+    for r in rows:
+        if not all(hasattr(r, a) for a in ("name", "shape", "role", "layer", "sv", "mp_fit", "error")):
+            raise ValueError(f"rows: expected gradsparse.spectra.SpectrumRow items, got {type(r).__name__}")
+    good = [r for r in rows if r.error is None and r.sv is not None]
+    written: list[Path] = []
+    roles: dict[str, list[Any]] = {}
+    for r in good:
+        roles.setdefault(r.role, []).append(r)
+    for role, group in roles.items():
+        group.sort(key=lambda r: (-1 if r.layer is None else r.layer, r.name))
+        if len(group) > max_panels:
+            idx = np.unique(np.round(np.linspace(0, len(group) - 1, max_panels)).astype(int))
+            group = [group[i] for i in idx]
+        panels = []
+        for r in group:
+            n_big = max(r.shape)
+            eigs = r.sv * r.sv / n_big
+            where = f"layer {r.layer}" if r.layer is not None else r.name.split(".")[-2] if "." in r.name else r.name
+            label = f"{where} {r.shape[0]}x{r.shape[1]}"
+            if r.mp_fit is not None:
+                label += f"\nc={r.mp_fit.c:.3g} KS={r.mp_fit.ks:.3f} {'ok' if r.mp_fit.fit_ok else 'NOT ok'}"
+            panels.append((label, eigs, r.mp_fit))
+        written += plot_esd_grid(panels, out_dir / f"esd_role_{role}", formats=formats,
+                                 title=f"{role}: ESD of W W^T / N vs fitted MP (red: spikes)")
+    layers = {r.layer for r in good if r.layer is not None}
+    if len(layers) >= 2:
+        for col, ylabel in (("ratio", "s_max / s_min (non-zero)"), ("mass80_ratio", "80%-mass ratio of W W^T"),
+                            ("stable_rank", "stable rank ||W||_F^2 / s_max^2")):
+            series = series_by_layer(good, col)
+            if series:
+                written += plot_vs_depth(series, out_dir / f"{col}_vs_depth", ylabel=ylabel, formats=formats)
+    return written

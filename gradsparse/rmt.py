@@ -59,6 +59,10 @@ __all__ = [
     "tw_statistic",
     "tw_spike_count",
     "ks_distance",
+    "mp_ks_threshold",
+    "margin_spike_count",
+    "SPIKE_METHOD",
+    "MARGIN_METHOD",
     "MPFit",
     "fit_mp",
     "decay_rate",
@@ -439,16 +443,63 @@ def ks_distance(eigs: Any, c: float, s2: float, zero_tol: float = 1e-9) -> float
     return float(max(np.max(np.abs(last / n - f)), np.max(np.abs(first / n - f_left))))
 
 
+#: How ``num_spikes`` is counted (stated in every :class:`MPFit` and in the spectrum tables).
+SPIKE_METHOD = "sequential Tracy-Widom (TW1) edge test at level alpha"
+#: How ``num_spikes_margin`` is counted: WeightWatcher's margin rule (see :func:`margin_spike_count`).
+MARGIN_METHOD = "WeightWatcher margin rule: eigenvalues above bulk_max + sqrt(sqrt(c) bulk_max^(2/3) p^(-2/3)), mean-1 units"
+
+
+def mp_ks_threshold(n: int) -> float:
+    """KS distance below which an MP fit of ``n`` bulk eigenvalues counts as acceptable (``fit_ok``).
+
+    ``max(0.05, 5 / n)``. Eigenvalues are far more rigid than iid draws: fits of iid Gaussian
+    matrices (s2 and c fitted) have KS distances of about ``1.5/n`` to ``3.7/n`` (measured for
+    p = 16 ... 1024, c = 0.1 ... 1; largest of 1768 fits: 0.73 of this threshold), so ``5/n`` admits
+    them at every size, and the floor 0.05 says that a fitted CDF more than 5 points away from the
+    empirical one is a misfit whatever the size. The classical KS critical value ``1.36/sqrt(n)``
+    of iid samples would admit spectra that are visibly not MP-shaped.
+    """
+    if not (isinstance(n, (int, np.integer)) and n > 0):
+        raise ValueError(f"n: must be a positive int; allowed: the number of bulk eigenvalues, got {n!r}")
+    return max(0.05, 5.0 / int(n))
+
+
+def margin_spike_count(eigs: Any, c: float, s2: float) -> int:
+    """Spikes by WeightWatcher's margin rule, for comparison with the TW test of :func:`fit_mp`.
+
+    In WeightWatcher's units (eigenvalues rescaled to mean 1 over all ``p`` given eigenvalues,
+    ``lam' = p lam / sum(lam)``): ``bulk_max' = s2' (1 + sqrt c)^2`` with ``s2'`` the fitted variance
+    in those units, ``TW = sqrt(c) bulk_max'^(2/3) p^(-2/3)`` (WeightWatcher writes ``1/sqrt(Q)``,
+    ``Q = 1/c``), and the count of ``lam' > bulk_max' + sqrt(TW)``. The margin is not a quantile of
+    a distribution (no stated false-positive rate) and is not scale-covariant, hence the fixed units.
+    """
+    c, s2 = _check_c(c), _check_s2(s2)
+    lam = _as_float_array(eigs, "eigs").ravel()
+    if lam.size == 0 or not np.all(np.isfinite(lam)):
+        raise ValueError("eigs: must be a non-empty array of finite eigenvalues")
+    total = float(np.sum(lam))
+    if total <= 0:
+        raise ValueError("eigs: all eigenvalues are zero; allowed: a spectrum with a positive sum")
+    scale = lam.size / total
+    bulk_max = scale * s2 * (1.0 + math.sqrt(c)) ** 2
+    tw = math.sqrt(c) * bulk_max ** (2.0 / 3.0) * lam.size ** (-2.0 / 3.0)
+    return int(np.count_nonzero(scale * lam > bulk_max + math.sqrt(tw)))
+
+
 @dataclass
 class MPFit:
     """Result of :func:`fit_mp`. Eigenvalue units are those of the input spectrum.
 
     ``s2``: fitted variance; ``c``: fitted (or fixed) aspect ratio; ``sigma_mp = sqrt(s2)``;
     ``bulk_min``/``bulk_max``: MP edges of the fit; ``num_spikes`` and ``spikes`` (descending): the
-    eigenvalues removed as outliers above the edge by the TW1 test at level ``alpha``; ``ks``: KS
-    distance of the bulk (spikes removed) to the fitted law; ``p``: eigenvalues given; ``N_eff``:
-    ``n_bulk / c``, the sample count the fit implies; ``converged``: False if the spike removal hit
-    its cap (half the spectrum) or the iteration limit.
+    eigenvalues removed as outliers above the edge by the sequential TW1 test at level ``alpha``
+    (``spike_method``); ``num_spikes_margin``: WeightWatcher's margin rule applied to the same fit
+    (:func:`margin_spike_count`); ``ks``: KS distance of the bulk (spikes removed) to the fitted
+    law; ``p``: eigenvalues given; ``N_eff``: ``n_bulk / c``, the sample count the fit implies;
+    ``converged``: False if the spike removal hit its cap (half the spectrum) or the iteration limit;
+    ``c_max``: the upper bound the fit allowed for ``c`` (NaN when ``c`` was fixed); ``zero_rate``:
+    fraction of exact zeros in the bulk; ``ks_threshold``: the KS bound of ``fit_ok``;
+    ``fit_ok = converged and ks <= ks_threshold``.
     """
 
     s2: float
@@ -464,6 +515,12 @@ class MPFit:
     alpha: float
     converged: bool
     spikes: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    num_spikes_margin: int = 0
+    c_max: float = math.nan
+    zero_rate: float = 0.0
+    ks_threshold: float = math.nan
+    fit_ok: bool = False
+    spike_method: str = SPIKE_METHOD
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -471,14 +528,19 @@ class MPFit:
         return d
 
 
+_C_MIN = 1e-4
+_GRID_STEP = (math.log(20.0) - math.log(_C_MIN)) / 40  # log-c grid spacing of the search
+
+
 def _profile_fit(
-    y: np.ndarray, u: np.ndarray, c_fixed: float | None, c_init: float | None = None
+    y: np.ndarray, u: np.ndarray, c_fixed: float | None, c_init: float | None = None, c_hi: float = 20.0
 ) -> tuple[float, float]:
     """Least-squares quantile matching: ``y_i ~ s2 * Q(u_i; c, 1)``, s2 profiled out in closed form.
 
-    ``c`` is searched on a log grid over [1e-4, 20] and refined by bounded scalar minimisation; with
-    ``c_init`` (a previous round's estimate) only the bracket ``c_init * exp(+-0.5)`` is searched,
-    falling back to the full grid if the optimum lands on its boundary.
+    ``c`` is searched on a log grid (step ``ln(2e5)/40``) over ``[1e-4, c_hi]`` and refined by
+    bounded scalar minimisation; with ``c_init`` (a previous round's estimate) only the bracket
+    ``c_init * exp(+-0.5)`` (clipped to ``c_hi``) is searched, falling back to the full grid if the
+    optimum lands on a boundary of the bracket that is not ``c_hi`` itself.
     """
 
     def s2_and_loss(c: float) -> tuple[float, float]:
@@ -494,18 +556,29 @@ def _profile_fit(
         return s2_and_loss(c_fixed)[0], c_fixed
     from scipy.optimize import minimize_scalar
 
+    g_lo, g_hi = math.log(_C_MIN), math.log(c_hi)
+
     def refine(lo: float, hi: float) -> float:
         res = minimize_scalar(lambda g: s2_and_loss(math.exp(g))[1], bounds=(lo, hi), method="bounded",
                               options={"xatol": 1e-4})
-        return float(res.x)
+        g = float(res.x)
+        # the bounded method never evaluates a bound itself: an optimum at the c_hi constraint is
+        # approached only to ~xatol, so compare with the bound and keep the better one
+        if hi == g_hi and s2_and_loss(math.exp(g_hi))[1] <= s2_and_loss(math.exp(g))[1]:
+            return g_hi
+        return g
 
     if c_init is not None:
-        g0 = math.log(c_init)
-        g = refine(g0 - 0.5, g0 + 0.5)
-        if abs(abs(g - g0) - 0.5) > 1e-3:
+        g0 = math.log(min(c_init, c_hi))
+        lo, hi = g0 - 0.5, min(g0 + 0.5, g_hi)
+        g = refine(lo, hi)
+        at_lo = abs(g - lo) <= 1e-3
+        at_hi = abs(g - hi) <= 1e-3 and hi < g_hi
+        if not (at_lo or at_hi):
             c = math.exp(g)
             return s2_and_loss(c)[0], c
-    grid = np.linspace(math.log(1e-4), math.log(20.0), 41)
+    n = max(2, int(math.ceil((g_hi - g_lo) / _GRID_STEP)) + 1)
+    grid = np.linspace(g_lo, g_hi, n)
     losses = [s2_and_loss(math.exp(g))[1] for g in grid]
     i = int(np.argmin(losses))
     g = refine(grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)])
@@ -520,6 +593,8 @@ def fit_mp(
     alpha: float = 0.05,
     trim: tuple[float, float] = (0.01, 0.95),
     max_iter: int = 25,
+    c_max: float | None = None,
+    ks_max: float | None = None,
 ) -> MPFit:
     """Fit MP(c, s2) to an empirical eigenvalue spectrum after removing spikes.
 
@@ -535,7 +610,19 @@ def fit_mp(
        ``N = n_bulk / c``: eigenvalues above the edge at level ``alpha`` are spikes and leave the bulk.
     3. Repeat 1-2 until no new spike (at most ``max_iter`` rounds, at most half the spectrum removed).
 
-    Returns :class:`MPFit` with the KS distance of the bulk to the fitted law.
+    **What the shape allows.** MP(c) with ``c > 1`` has an atom of mass ``1 - 1/c`` at 0, so a free
+    ``c`` is bounded by the zeros actually present: with ``z`` the fraction of exact zeros in the
+    bulk (eigenvalues ``<= 1e-9 max``), ``c <= 1/(1 - z)`` (``c <= 1`` when there are none). Without
+    this bound a heavy-tailed spectrum of a square matrix is "explained" by an atom that is not
+    there (``c`` of 1.3-1.8 with 24-43% predicted zeros where none exist). ``c_max`` overrides the
+    bound (e.g. ``c_max=20`` for the unconstrained search over ``[1e-4, 20]``).
+
+    **Acceptance.** ``fit_ok = converged and ks <= ks_threshold`` with ``ks_threshold = ks_max`` or,
+    by default, :func:`mp_ks_threshold` of the bulk size. A fit that is not ok still reports its
+    numbers; callers must not read them as an MP description of the spectrum.
+
+    Returns :class:`MPFit` with the KS distance of the bulk to the fitted law, the TW spike count
+    and, beside it, WeightWatcher's margin-rule count (:func:`margin_spike_count`).
     """
     lam = _as_float_array(eigs, "eigs").ravel()
     if lam.size < 4:
@@ -551,6 +638,17 @@ def fit_mp(
         )
     if c is not None:
         c = _check_c(c)
+    if c_max is not None:
+        c_max = _check_c(c_max)
+        if c_max <= _C_MIN:
+            raise ValueError(f"c_max: must exceed {_C_MIN} (the lower end of the search), got {c_max}")
+    if ks_max is not None:
+        try:
+            ks_max = float(ks_max)
+        except (TypeError, ValueError):
+            raise ValueError(f"ks_max: must be a number; allowed: (0, 1] or None, got {ks_max!r}") from None
+        if not (0.0 < ks_max <= 1.0):
+            raise ValueError(f"ks_max: must lie in (0, 1]; allowed: (0, 1] or None, got {ks_max}")
     if not (0.0 < float(alpha) < 1.0):
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
     lo_t, hi_t = float(trim[0]), float(trim[1])
@@ -558,15 +656,19 @@ def fit_mp(
         raise ValueError(f"trim must satisfy 0 <= lo < hi <= 1, got {trim}")
     lam = np.sort(np.where(lam <= 1e-9 * top, 0.0, lam))  # round-off zeros -> exact zeros
     p = lam.size
+    n_zero = int(np.count_nonzero(lam == 0.0))
     n_bulk = p
     converged = False
     s2_hat, c_hat = 1.0, 1.0
     c_prev: float | None = None
+    c_hi = math.nan
     for _ in range(max_iter):
         y = lam[:n_bulk]
         u = (np.arange(n_bulk) + 0.5) / n_bulk
         keep = (u >= lo_t) & (u <= hi_t)
-        s2_hat, c_hat = _profile_fit(y[keep], u[keep], c, c_prev)
+        z = n_zero / n_bulk
+        c_hi = c_max if c_max is not None else (1.0 if n_zero == 0 else 1.0 / (1.0 - z))
+        s2_hat, c_hat = _profile_fit(y[keep], u[keep], c, c_prev, c_hi)
         c_prev = c_hat
         N_eff = n_bulk / c_hat
         k = tw_spike_count(y, n_bulk, max(N_eff, 1.0 + 1e-9), s2_hat, alpha) if N_eff > 1 else 0
@@ -580,6 +682,8 @@ def fit_mp(
     bulk = lam[:n_bulk]
     spikes = lam[n_bulk:][::-1].copy()
     lo, hi = mp_edges(c_hat, s2_hat)
+    ks = ks_distance(bulk, c_hat, s2_hat)
+    ks_thr = ks_max if ks_max is not None else mp_ks_threshold(int(n_bulk))
     return MPFit(
         s2=float(s2_hat),
         c=float(c_hat),
@@ -587,13 +691,18 @@ def fit_mp(
         bulk_min=lo,
         bulk_max=hi,
         num_spikes=int(p - n_bulk),
-        ks=ks_distance(bulk, c_hat, s2_hat),
+        ks=ks,
         p=int(p),
         n_bulk=int(n_bulk),
         N_eff=float(n_bulk / c_hat),
         alpha=float(alpha),
         converged=converged,
         spikes=spikes,
+        num_spikes_margin=margin_spike_count(lam, c_hat, s2_hat),
+        c_max=math.nan if c is not None else float(c_hi),
+        zero_rate=n_zero / n_bulk,
+        ks_threshold=float(ks_thr),
+        fit_ok=bool(converged and ks <= ks_thr),
     )
 
 

@@ -21,7 +21,23 @@ matrix K is ``n x d`` and ``W W^T`` is ``K K^T``, ``n x n``), with singular valu
   ``c = k/N <= 1`` for an iid matrix): ``num_spikes`` (TW1 test at level ``alpha``), ``sigma_mp``
   (sqrt of the fitted variance: the entry std of an iid matrix), ``bulk_max`` (upper MP edge, in
   units of eigenvalues of ``W W^T / N``, compare ``s_max^2 / N``), ``ks`` (KS distance of the bulk),
-  ``mp_c`` (fitted aspect ratio). Column names follow WeightWatcher where the concept is the same.
+  ``mp_c`` (fitted aspect ratio, ``<= 1`` unless zero eigenvalues are present), ``fit_ok`` (fit
+  converged and ``ks <= ks_threshold``; when false, the MP columns do not describe the spectrum),
+  ``num_spikes_margin`` (WeightWatcher's margin rule on the same fit, beside the TW count),
+  ``bulk_min`` and ``mp_softrank = bulk_max / (s_max^2 / N)``.
+* WeightWatcher-compatible columns: ``N = max(rows, cols)``, ``M = min``, ``Q = N/M``,
+  ``lambda_max = s_max^2``, ``log_norm = log10 ||W||_F^2``, ``log_spectral_norm = log10 s_max^2``
+  (unscaled, the same numbers WeightWatcher reports), and ``stable_rank``, ``num_spikes``,
+  ``sigma_mp``, ``bulk_max``, ``mp_softrank`` under WeightWatcher's names.
+
+Column names follow WeightWatcher where the concept is the same; the units differ where stated
+(:data:`COLUMN_DOCS`, :data:`UNITS`, and the ``metadata`` of ``gradsparse spectrum --json --meta``):
+eigenvalues here are those of ``W W^T / N`` (WeightWatcher's are ``N`` times larger, so
+``bulk_max_ww = N bulk_max``) and ``sigma_mp`` is an entry standard deviation (WeightWatcher's is for
+the ESD rescaled to mean 1: ``sigma_mp_ww = sigma_mp sqrt(N M) / ||W||_F``). Every row also carries
+its ``role`` and ``layer`` (:mod:`gradsparse.weights`). :func:`get_summary` gives the mean of each
+column over all matrices and per role, :func:`to_dataframe` a pandas DataFrame (optional
+dependency), :func:`rows_to_csv` CSV text.
 
 Route (measured on this 2-core CPU, medians of 5, float32 weights; see DESIGN.md)::
 
@@ -51,16 +67,26 @@ axes are skipped. An input without any 2-D weight raises ``ValueError``.
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import json
 import math
+import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
 import scipy.linalg
+from tqdm.auto import tqdm
 
-from gradsparse import rmt
+from gradsparse import rmt, weights
+
+try:  # optional: without it BLAS keeps its own thread count (see _blas_threads)
+    from threadpoolctl import ThreadpoolController
+except ImportError:  # pragma: no cover - depends on the environment
+    ThreadpoolController = None
 
 __all__ = [
     "SpectrumRow",
@@ -72,6 +98,11 @@ __all__ = [
     "analyze",
     "rows_to_dicts",
     "rows_to_json",
+    "rows_to_csv",
+    "to_dataframe",
+    "get_summary",
+    "table_metadata",
+    "COLUMN_DOCS",
     "format_table",
 ]
 
@@ -91,6 +122,8 @@ class SpectrumRow:
     name: str
     shape: tuple[int, int]
     dtype: str
+    role: str = "other"
+    layer: int | None = None
     route: str = ""
     rtol: float = math.nan
     rank: int = 0
@@ -107,6 +140,17 @@ class SpectrumRow:
     bulk_max: float = math.nan
     ks: float = math.nan
     mp_c: float = math.nan
+    fit_ok: bool | None = None
+    ks_threshold: float = math.nan
+    num_spikes_margin: float = math.nan
+    bulk_min: float = math.nan
+    mp_softrank: float = math.nan
+    N: int = 0
+    M: int = 0
+    Q: float = math.nan
+    lambda_max: float = math.nan
+    log_norm: float = math.nan
+    log_spectral_norm: float = math.nan
     error: str | None = None
     sv: np.ndarray | None = field(default=None, repr=False)
     mp_fit: rmt.MPFit | None = field(default=None, repr=False)
@@ -129,8 +173,11 @@ class SpectrumRow:
             elif isinstance(v, np.integer):
                 v = int(v)
             out[f.name] = v
-        if out.get("num_spikes") is not None:
-            out["num_spikes"] = int(out["num_spikes"])
+        for k in ("num_spikes", "num_spikes_margin"):
+            if out.get(k) is not None:
+                out[k] = int(out[k])
+        if out.get("fit_ok") is not None:
+            out["fit_ok"] = bool(out["fit_ok"])
         return out
 
 
@@ -158,10 +205,32 @@ def default_rtol(shape: Sequence[int], dtype: Any) -> float:
     return float(max(int(d) for d in shape)) * eps
 
 
+#: Gram sizes up to this run LAPACK/BLAS on one thread (when threadpoolctl is installed).
+SINGLE_THREAD_MAX = 512
+_controller: list[Any] = []
+
+
+def _blas_threads(k: int) -> Any:
+    """One BLAS thread for a ``k x k`` Gram with ``k <= SINGLE_THREAD_MAX``, else no change.
+
+    Measured on this 2-core machine with other work running (load average ~7): the 40 matrices of
+    all-MiniLM-L6-v2 (Grams of 2..384) took 5.8-14 s with OpenBLAS's default 2 threads and
+    1.0-1.5 s on one (idle threads spin while the other core is busy); for Grams this small a
+    second thread gains nothing measurable on an idle machine either. Larger Grams keep BLAS's
+    threads. Needs threadpoolctl (no effect without it).
+    """
+    if ThreadpoolController is None or k > SINGLE_THREAD_MAX:
+        return contextlib.nullcontext()
+    if not _controller:
+        _controller.append(ThreadpoolController())
+    return _controller[0].limit(limits=1, user_api="blas")
+
+
 def _gram_eigs(w64: np.ndarray) -> np.ndarray:
     """Eigenvalues (ascending) of the smaller Gram matrix of a float64 matrix."""
     b = w64 if w64.shape[0] <= w64.shape[1] else w64.T
-    return np.linalg.eigvalsh(b @ b.T)
+    with _blas_threads(b.shape[0]):
+        return np.linalg.eigvalsh(b @ b.T)
 
 
 def singular_values(w: Any, route: str = "auto", rtol: float | None = None) -> tuple[np.ndarray, str]:
@@ -192,13 +261,15 @@ def singular_values(w: Any, route: str = "auto", rtol: float | None = None) -> t
 def _sv(a64: np.ndarray, route: str, rtol: float) -> tuple[np.ndarray, str]:
     """Unchecked core of :func:`singular_values` (finite float64 2-D input)."""
     if route == "svd":
-        return np.sort(scipy.linalg.svdvals(a64, check_finite=False))[::-1], "svd"
+        with _blas_threads(min(a64.shape)):
+            return np.sort(scipy.linalg.svdvals(a64, check_finite=False))[::-1], "svd"
     lam = _gram_eigs(a64)
     s = np.sqrt(np.maximum(lam, 0.0))[::-1]
     if route == "auto" and s[0] > 0:
         floor = 10.0 * math.sqrt(min(a64.shape) * _EPS64) * s[0]
         if rtol * s[0] < floor and s[-1] < floor:
-            return np.sort(scipy.linalg.svdvals(a64, check_finite=False))[::-1], "svd"
+            with _blas_threads(min(a64.shape)):
+                return np.sort(scipy.linalg.svdvals(a64, check_finite=False))[::-1], "svd"
     return s, "gram"
 
 
@@ -278,9 +349,14 @@ def spectrum_row(
     fit: bool = False,
     alpha: float = 0.05,
     keep_sv: bool = False,
+    ks_max: float | None = None,
+    role: str = "other",
+    layer: int | None = None,
 ) -> SpectrumRow:
     """Table row of one 2-D matrix (see the module docstring for every column).
 
+    ``ks_max``: KS bound of ``fit_ok`` (default :func:`gradsparse.rmt.mp_ks_threshold` of the bulk
+    size); ``role``/``layer``: labels copied into the row (see :mod:`gradsparse.weights`).
     Problems of the matrix itself (NaN/inf, empty, all zero, complex) give a row with ``error`` set;
     wrong arguments (non-2-D ``w``, bad ``rtol``/``route``/``alpha``) raise ValueError.
     """
@@ -296,8 +372,12 @@ def spectrum_row(
         w = np.asarray(w)
     if w.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D matrix, got shape {tuple(w.shape)}")
+    if ks_max is not None and not (isinstance(ks_max, (int, float)) and 0.0 < ks_max <= 1.0):
+        raise ValueError(f"ks_max: must be a number in (0, 1] or None, got {ks_max!r}")
     shape = (int(w.shape[0]), int(w.shape[1]))
-    row = SpectrumRow(name=name, shape=shape, dtype=str(w.dtype))
+    row = SpectrumRow(name=name, shape=shape, dtype=str(w.dtype), role=str(role), layer=layer)
+    row.N, row.M = max(shape), min(shape)
+    row.Q = row.N / row.M if row.M > 0 else math.nan
     a = np.asarray(w)
     if a.size == 0:
         row.error = "empty matrix"
@@ -337,6 +417,9 @@ def spectrum_row(
     row.near_zero_rate = (shape[0] - rank) / shape[0]
     row.stable_rank = fro2 / (smax * smax)
     row.frobenius = math.sqrt(fro2)
+    row.lambda_max = smax * smax
+    row.log_norm = math.log10(fro2)
+    row.log_spectral_norm = math.log10(smax * smax)
     if keep_sv:
         row.sv = s
     if fit:
@@ -344,47 +427,162 @@ def spectrum_row(
         lam = np.where(s > rt * smax, s * s, 0.0) / n_big
         if lam.size >= 4:
             try:
-                f = rmt.fit_mp(lam, alpha=alpha)
+                f = rmt.fit_mp(lam, alpha=alpha, ks_max=ks_max)
             except ValueError as e:  # e.g. fewer than 4 non-zero eigenvalues: leave MP columns NaN
                 row.error = f"MP fit: {e}"
             else:
                 row.num_spikes = f.num_spikes
+                row.num_spikes_margin = f.num_spikes_margin
                 row.sigma_mp = f.sigma_mp
                 row.bulk_max = f.bulk_max
+                row.bulk_min = f.bulk_min
+                row.mp_softrank = f.bulk_max / (smax * smax / n_big)
                 row.ks = f.ks
+                row.ks_threshold = f.ks_threshold
+                row.fit_ok = f.fit_ok
                 row.mp_c = f.c
                 row.mp_fit = f
     return row
 
 
 def analyze(
-    tree: Any,
+    source: Any,
     *,
     rtol: float | None = None,
     route: str = "auto",
     fit: bool = False,
     alpha: float = 0.05,
     keep_sv: bool = False,
+    select: str | None = None,
+    roles: Mapping[str, str] | None = None,
+    layout: str = "auto",
+    ks_max: float | None = None,
+    progress: bool | None = None,
 ) -> list[SpectrumRow]:
-    """One :class:`SpectrumRow` per 2-D weight of ``tree`` (equinox model, dict/list of arrays, array).
+    """One :class:`SpectrumRow` per 2-D weight of ``source``, with its role and layer index.
 
-    Matrices are visited in pytree order; 3-D leaves are split per layer; see
-    :func:`collect_matrices` for names and :func:`spectrum_row` for the arguments. Raises
-    ValueError when the input holds no 2-D weight (empty dict, only biases, not a pytree of arrays).
+    ``source``: a path (anything :func:`gradsparse.weights.weight_matrices` reads: run folder,
+    checkpoint, .npz, .safetensors, sharded index, Hugging Face folder, PyTorch state dict), a
+    :class:`gradsparse.weights.WeightSet`, or a pytree of arrays (equinox model, dict/list of arrays,
+    an array; visited in pytree order, 3-D leaves split per layer, names as
+    :func:`collect_matrices` gives them). ``select``, ``roles``, ``layout``: see
+    :mod:`gradsparse.weights`; the other arguments: :func:`spectrum_row`. ``progress``: a tqdm bar
+    on stderr (None: for 8 or more matrices when stderr is a terminal). A matrix that cannot be
+    read gives a row with ``error`` set. Raises ValueError when the input holds no 2-D weight
+    (empty dict, only biases, not a pytree of arrays).
     """
-    mats, skipped = collect_matrices(tree)
+    if isinstance(source, weights.WeightSet):
+        wset = source
+    elif isinstance(source, (str, os.PathLike)):
+        if not os.path.exists(source):
+            raise ValueError(f"source: no file or folder at {source!s}; allowed: a path to model weights, "
+                             "a weights.WeightSet or a pytree of arrays")
+        wset = weights.weight_matrices(source, select, roles=roles, layout=layout)
+    else:
+        wset = weights.from_tensors(source, select, roles=roles, layout=layout)
+    mats, skipped = wset.matrices, wset.skipped
     if not mats:
         what = ", ".join(f"{n} ({r})" for n, r in skipped[:5]) or "nothing"
         raise ValueError(f"no 2-D weights found (skipped: {what})")
-    return [
-        spectrum_row(name, w, rtol=rtol, route=route, fit=fit, alpha=alpha, keep_sv=keep_sv)
-        for name, w in mats
-    ]
+    disable = (None if len(mats) >= 8 else True) if progress is None else not progress
+    rows = []
+    for m in tqdm(mats, desc="spectra", unit="matrix", disable=disable, leave=False):
+        try:
+            w = m.array
+        except ValueError as e:
+            rows.append(SpectrumRow(name=m.name, shape=m.shape, dtype=m.dtype, role=m.role, layer=m.layer,
+                                    error=f"cannot read: {e}"))
+            continue
+        rows.append(spectrum_row(m.name, w, rtol=rtol, route=route, fit=fit, alpha=alpha, keep_sv=keep_sv,
+                                 ks_max=ks_max, role=m.role, layer=m.layer))
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
 # output
 # --------------------------------------------------------------------------------------------
+
+
+COLUMN_DOCS: dict[str, str] = {
+    "name": "tensor name (name[q]/[k]/[v]: a third of a fused q/k/v weight; name[i]: layer i of a stacked array)",
+    "shape": "(rows, cols) = (out, in) after the layout conventions (see metadata.conventions)",
+    "role": "key (first MLP matrix), value (second), attn_q/k/v/o, attn_qkv (fused), embedding, other",
+    "layer": "layer index from the name (first all-digit component), null when there is none",
+    "rtol": "non-zero singular values are s > rtol * s_max",
+    "rank": "number of non-zero singular values (WeightWatcher: matrix_rank)",
+    "s_max": "largest singular value of W (WeightWatcher: sv_max)",
+    "s_min_nonzero": "smallest non-zero singular value",
+    "ratio": "s_max / s_min_nonzero (singular ratio)",
+    "eig_ratio": "ratio^2: the eigen ratio of W W^T over its non-zero eigenvalues",
+    "mass80_ratio": "10^w, w the narrowest log10 window holding 80% of the non-zero eigenvalues of W W^T",
+    "near_zero_rate": "fraction of the rows eigenvalues of W W^T (rows x rows) that are ~0: (rows - rank) / rows",
+    "stable_rank": "||W||_F^2 / s_max^2, unit-free (WeightWatcher: stable_rank, the same number)",
+    "frobenius": "||W||_F",
+    "lambda_max": "s_max^2: the largest eigenvalue of W W^T, unscaled (WeightWatcher: lambda_max, same units)",
+    "log_norm": "log10 ||W||_F^2 (WeightWatcher: log_norm)",
+    "log_spectral_norm": "log10 s_max^2 (WeightWatcher: log_spectral_norm)",
+    "N": "max(rows, cols) (WeightWatcher: N)",
+    "M": "min(rows, cols) (WeightWatcher: M)",
+    "Q": "N / M (WeightWatcher: Q; the MP aspect ratio of the shape is c = 1/Q = M/N)",
+    "num_spikes": "eigenvalues above the MP bulk by a " + rmt.SPIKE_METHOD,
+    "num_spikes_margin": "the same fit, counted by the " + rmt.MARGIN_METHOD,
+    "sigma_mp": "sqrt of the fitted MP variance in units of W W^T / N: the entry standard deviation of an iid "
+                "matrix with this bulk. WeightWatcher's sigma_mp is for the ESD rescaled to mean 1: "
+                "sigma_mp_ww = sigma_mp * sqrt(N M) / frobenius",
+    "bulk_max": "upper MP edge s2 (1 + sqrt c)^2 in units of eigenvalues of W W^T / N (compare s_max^2 / N); "
+                "WeightWatcher's bulk_max is unscaled: bulk_max_ww = N * bulk_max",
+    "bulk_min": "lower MP edge s2 (1 - sqrt c)^2, units as bulk_max",
+    "mp_softrank": "bulk_max / (s_max^2 / N), unit-free (WeightWatcher: mp_softrank)",
+    "ks": "Kolmogorov-Smirnov distance of the bulk (spikes removed) to the fitted MP law",
+    "ks_threshold": "KS bound of fit_ok: max(0.05, 5 / bulk size) unless given (rmt.mp_ks_threshold)",
+    "fit_ok": "MP fit converged and ks <= ks_threshold; when false the MP columns do not describe the spectrum",
+    "mp_c": "fitted MP aspect ratio c; c <= 1 unless zero eigenvalues are present, then c <= 1/(1 - zero fraction)",
+    "route": "gram (eigvalsh of the smaller float64 Gram) or svd (scipy gesdd svdvals)",
+    "error": "why a matrix has no numbers (NaN/inf entries, all zero, unreadable, ...)",
+}
+
+UNITS = {
+    "eigenvalues": "eigenvalues of W W^T / N with W as (out, in) and N = max(rows, cols), computed from the "
+                   "smaller Gram (M = min(rows, cols) of them); an iid matrix with entry variance s2 then "
+                   "follows MP(c = M/N, s2). WeightWatcher's eigenvalues are the unscaled s^2 = N x these.",
+    "sigma": "sigma_mp is an entry standard deviation (the MP scale in units of W W^T / N), not the "
+             "WeightWatcher sigma_mp of the mean-1 rescaled ESD",
+}
+
+
+def table_metadata(
+    wset: "weights.WeightSet | None" = None,
+    *,
+    source: str | None = None,
+    fit: bool = True,
+    alpha: float = 0.05,
+    rtol: float | None = None,
+    ks_max: float | None = None,
+) -> dict[str, Any]:
+    """JSON-ready description of a table: units, column meanings, spike methods, the weight reader's
+    conventions and skipped tensors (from ``wset``), and the settings used."""
+    from gradsparse import __version__
+
+    if wset is not None and not isinstance(wset, weights.WeightSet):
+        raise ValueError(f"wset: must be a weights.WeightSet or None, got {type(wset).__name__}")
+    meta: dict[str, Any] = {
+        "gradsparse": __version__,
+        "source": source,
+        "units": dict(UNITS),
+        "columns": dict(COLUMN_DOCS),
+        "settings": {
+            "fit": bool(fit),
+            "alpha": float(alpha),
+            "rtol": "max(shape) * eps(dtype)" if rtol is None else float(rtol),
+            "ks_max": "max(0.05, 5 / bulk size)" if ks_max is None else float(ks_max),
+            "num_spikes": rmt.SPIKE_METHOD,
+            "num_spikes_margin": rmt.MARGIN_METHOD,
+        },
+    }
+    if wset is not None:
+        meta["conventions"] = dict(wset.conventions)
+        meta["skipped"] = [{"name": n, "reason": r} for n, r in wset.skipped]
+    return meta
 
 
 def rows_to_dicts(rows: Iterable[SpectrumRow], include_sv: bool = False) -> list[dict[str, Any]]:
@@ -397,14 +595,90 @@ def rows_to_dicts(rows: Iterable[SpectrumRow], include_sv: bool = False) -> list
     return out
 
 
-def rows_to_json(rows: Iterable[SpectrumRow], include_sv: bool = False, indent: int | None = 2) -> str:
-    """Rows as a JSON array of objects (strict JSON: NaN/inf written as null)."""
-    return json.dumps(rows_to_dicts(rows, include_sv=include_sv), indent=indent, allow_nan=False)
+def rows_to_json(rows: Iterable[SpectrumRow], include_sv: bool = False, indent: int | None = 2,
+                 metadata: Mapping[str, Any] | None = None) -> str:
+    """Rows as a JSON array of objects (strict JSON: NaN/inf written as null); with ``metadata``
+    (:func:`table_metadata`) the document ``{"metadata": ..., "summary": ..., "rows": [...]}``."""
+    data: Any = rows_to_dicts(rows, include_sv=include_sv)
+    if metadata is not None:
+        if not isinstance(metadata, Mapping):
+            raise ValueError(f"metadata: must be a dict, got {type(metadata).__name__}")
+        rows = list(rows)
+        data = {"metadata": dict(metadata), "summary": _json_safe(get_summary(rows)), "rows": data}
+    return json.dumps(data, indent=indent, allow_nan=False)
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def rows_to_csv(rows: Iterable[SpectrumRow]) -> str:
+    """Rows as CSV text (header = the JSON keys; shape as ``RxC``; empty cells for null)."""
+    dicts = rows_to_dicts(rows)
+    if not dicts:
+        raise ValueError("rows_to_csv needs at least one row")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dicts[0]), lineterminator="\n")
+    writer.writeheader()
+    for d in dicts:
+        d = dict(d)
+        d["shape"] = "x".join(str(v) for v in d["shape"])
+        writer.writerow({k: ("" if v is None else v) for k, v in d.items()})
+    return buf.getvalue()
+
+
+def to_dataframe(rows: Iterable[SpectrumRow]) -> Any:
+    """Rows as a pandas DataFrame (one row per matrix, columns as in the JSON; needs pandas, an
+    optional dependency: ``pip install pandas``). ``sv`` and ``mp_fit`` are left out."""
+    try:
+        import pandas as pd  # optional dependency, imported only here
+    except ImportError:
+        raise ImportError("to_dataframe needs pandas: pip install pandas (or gradsparse[pandas])") from None
+    return pd.DataFrame(rows_to_dicts(rows))
+
+
+SUMMARY_COLUMNS = ("stable_rank", "log_norm", "log_spectral_norm", "mp_softrank", "ratio", "mass80_ratio",
+                   "near_zero_rate", "num_spikes", "num_spikes_margin", "sigma_mp", "ks", "mp_c", "fit_ok")
+
+
+def get_summary(rows: Iterable[SpectrumRow], by_role: bool = True) -> dict[str, Any]:
+    """Mean of each column over the matrices (like WeightWatcher's ``get_summary``), and per role.
+
+    Returns ``{"all": {"count": n, column: mean, ...}, "<role>": {...}, ...}`` over
+    :data:`SUMMARY_COLUMNS`; rows with ``error`` and non-finite values (an infinite ratio, an
+    unfitted MP column) are left out of a column's mean (NaN when nothing is left); ``fit_ok`` gives
+    the fraction of fitted rows that passed. Roles in :data:`gradsparse.weights.ROLES` order.
+    """
+    rows = list(rows)
+    for r in rows:
+        if not isinstance(r, SpectrumRow):
+            raise ValueError(f"expected SpectrumRow items, got {type(r).__name__}")
+
+    def means(group: list[SpectrumRow]) -> dict[str, float]:
+        out: dict[str, Any] = {"count": len(group)}
+        for col in SUMMARY_COLUMNS:
+            vals = [float(getattr(r, col)) for r in group if r.error is None and getattr(r, col) is not None]
+            vals = [v for v in vals if math.isfinite(v)]
+            out[col] = float(np.mean(vals)) if vals else math.nan
+        return out
+
+    summary: dict[str, Any] = {"all": means(rows)}
+    if by_role:
+        order = {role: i for i, role in enumerate(weights.ROLES)}
+        for role in sorted({r.role for r in rows}, key=lambda x: (order.get(x, len(order)), x)):
+            summary[role] = means([r for r in rows if r.role == role])
+    return summary
 
 
 def _fmt(v: Any, spec: str) -> str:
     if v is None:
         return "-"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
     if isinstance(v, (float, np.floating)):
         if math.isnan(v):
             return "-"
@@ -423,12 +697,13 @@ _BASE_COLS = [
     ("frobenius", ".4g"),
     ("rank", "d"),
 ]
-_MP_COLS = [("num_spikes", ".0f"), ("sigma_mp", ".4g"), ("bulk_max", ".4g"), ("ks", ".3f"), ("mp_c", ".4g")]
+_MP_COLS = [("num_spikes", ".0f"), ("num_spikes_margin", ".0f"), ("sigma_mp", ".4g"), ("bulk_max", ".4g"),
+            ("ks", ".3f"), ("mp_c", ".4g"), ("fit_ok", "")]
 
 
 def format_table(rows: Sequence[SpectrumRow]) -> str:
-    """Fixed-width text table, one line per row; MP columns appear when any row was fitted and an
-    ``error`` column when any row is flagged."""
+    """Fixed-width text table, one line per row; ``role`` and ``layer`` columns appear when any row has
+    one, MP columns when any row was fitted and an ``error`` column when any row is flagged."""
     rows = list(rows)
     if not rows:
         raise ValueError("format_table needs at least one row")
@@ -438,13 +713,16 @@ def format_table(rows: Sequence[SpectrumRow]) -> str:
     cols = list(_BASE_COLS)
     if any(not math.isnan(r.sigma_mp) for r in rows):
         cols += _MP_COLS
-    header = ["name", "shape"] + [c for c, _ in cols] + ["route"]
+    labels = any(r.role != "other" or r.layer is not None for r in rows)
+    head = ["name", "role", "layer", "shape"] if labels else ["name", "shape"]
+    header = head + [c for c, _ in cols] + ["route"]
     has_err = any(r.error for r in rows)
     if has_err:
         header.append("error")
     table = []
     for r in rows:
-        line = [r.name, f"{r.shape[0]}x{r.shape[1]}"]
+        line = [r.name, r.role, "-" if r.layer is None else str(r.layer)] if labels else [r.name]
+        line.append(f"{r.shape[0]}x{r.shape[1]}")
         for c, spec in cols:
             v = getattr(r, c)
             line.append(_fmt(v, spec) if not (r.error and c == "rank" and r.route == "") else "-")
@@ -453,7 +731,9 @@ def format_table(rows: Sequence[SpectrumRow]) -> str:
             line.append(r.error or "")
         table.append(line)
     widths = [max(len(header[i]), *(len(t[i]) for t in table)) for i in range(len(header))]
-    left = {0, 1, len(header) - 1} if has_err else {0, 1}
+    left = set(range(len(head))) - ({2} if labels else set())
+    if has_err:
+        left.add(len(header) - 1)
 
     def render(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()

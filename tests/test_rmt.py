@@ -235,3 +235,80 @@ def test_accumulated_esd_without_decay_matches_mp_at_p_over_n():
     assert at_c.s2 == pytest.approx(steps, rel=0.1)  # C = steps * sample covariance of unit data
     with pytest.raises(ValueError):
         rmt.accumulated_esd(np.ones((3, 4)), 10.0)
+
+
+# ------------------------------------------------------------------ what the shape allows (c <= 1 without zeros)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_square_iid_matrix_fits_c_near_one_not_above(seed):
+    ev = rmt.wishart_eigenvalues(seed, 384, 384, s2=0.7)
+    f = rmt.fit_mp(ev)
+    assert f.c_max == 1.0 and f.zero_rate == 0.0
+    assert f.c <= 1.0 and f.c == pytest.approx(1.0, rel=0.05)
+    assert f.s2 == pytest.approx(0.7, rel=0.05)
+    assert f.ks < 0.02 and f.fit_ok and f.num_spikes == 0
+
+
+def test_heavy_tailed_square_spectrum_no_longer_invents_an_atom():
+    # singular values exp(1.5 N(0, 1)) with random orthogonal factors: no zero eigenvalue at all
+    rng = np.random.default_rng(0)
+    n = 200
+    u, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    w = (u * np.exp(1.5 * rng.standard_normal(n))) @ v.T
+    ev = np.linalg.eigvalsh(w @ w.T / n)
+    free = rmt.fit_mp(ev, c_max=20.0)  # the former unconstrained search over [1e-4, 20]
+    assert free.c > 1.2 and rmt.mp_atom(free.c) > 0.15 and free.ks > 0.2  # a zero atom that is not there
+    f = rmt.fit_mp(ev)
+    assert f.c <= 1.0 and f.ks < free.ks
+    assert not f.fit_ok and f.ks > f.ks_threshold == 0.05  # and it is not MP-shaped: flagged
+
+
+def test_zeros_allow_c_above_one_up_to_their_atom():
+    ev = rmt.wishart_eigenvalues(4, 300, 200)  # 100 exact zeros: atom 1/3, c = 1.5
+    f = rmt.fit_mp(ev)
+    assert f.zero_rate == pytest.approx(100 / 300) and f.c_max == pytest.approx(1.5)
+    assert f.c == pytest.approx(1.5, rel=0.02) and f.fit_ok
+    with pytest.raises(ValueError, match="c_max"):
+        rmt.fit_mp(ev, c_max=1e-5)
+
+
+def test_ks_threshold_admits_iid_fits_at_every_size():
+    assert rmt.mp_ks_threshold(20) == 0.25 and rmt.mp_ks_threshold(100) == 0.05 and rmt.mp_ks_threshold(4000) == 0.05
+    rng = np.random.default_rng(11)
+    worst = 0.0
+    for p in (16, 40, 100):
+        for c in (0.25, 1.0):
+            for _ in range(6):
+                f = rmt.fit_mp(rmt.wishart_eigenvalues(rng, p, int(p / c)))
+                assert f.fit_ok, (p, c, f.ks)
+                worst = max(worst, f.ks / f.ks_threshold)
+    assert worst < 0.85
+    with pytest.raises(ValueError):
+        rmt.mp_ks_threshold(0)
+    with pytest.raises(ValueError, match="ks_max"):
+        rmt.fit_mp(rmt.wishart_eigenvalues(0, 20, 40), ks_max=0.0)
+    f = rmt.fit_mp(rmt.wishart_eigenvalues(0, 50, 200), ks_max=1e-4)  # a stated bound is used as given
+    assert f.ks_threshold == 1e-4 and not f.fit_ok
+
+
+def test_margin_rule_by_hand_and_beside_the_tw_count():
+    # p = 4 eigenvalues [1, 1, 1, 9]: mean 3, so WeightWatcher's units divide by 3 -> [1/3, 1/3, 1/3, 3]
+    # with c = 1/4, s2 = 0.6 (s2' = 0.2): bulk_max' = 0.2 * 2.25 = 0.45,
+    # TW = 0.5 * 0.45^(2/3) * 4^(-2/3) = 0.1165, threshold 0.45 + 0.3413 = 0.791: one spike
+    assert rmt.margin_spike_count([1.0, 1.0, 1.0, 9.0], 0.25, 0.6) == 1
+    # [1, 1, 1, 2]: scale 4/5, bulk_max' = 1.08, threshold 1.08 + sqrt(0.5 * 1.08^(2/3) * 4^(-2/3)) = 1.537;
+    # the top one, 1.6, is above it
+    assert rmt.margin_spike_count([1.0, 1.0, 1.0, 2.0], 0.25, 0.6) == 1
+    # [1, 1, 1, 1]: scale 1, bulk_max' = 1.35, threshold 1.842: none
+    assert rmt.margin_spike_count([1.0, 1.0, 1.0, 1.0], 0.25, 0.6) == 0
+    # the rule is stated in mean-1 units, so it does not depend on the units of the input
+    assert rmt.margin_spike_count([10.0, 10.0, 10.0, 20.0], 0.25, 6.0) == 1
+    planted = [20.0, 10.0, 6.0, 4.0]
+    ev = rmt.wishart_eigenvalues(0, 400, 1600, spikes=planted)
+    f = rmt.fit_mp(ev)
+    assert f.num_spikes == 4 and f.num_spikes_margin == 4
+    assert f.spike_method.startswith("sequential Tracy-Widom")
+    white = rmt.fit_mp(rmt.wishart_eigenvalues(1, 400, 1600))
+    assert white.num_spikes == 0 and white.num_spikes_margin == 0

@@ -189,3 +189,85 @@ def test_cli_user_errors_exit_2(tmp_path, capsys):
     assert cli.main(["spectrum", str(only_bias), "--rtol", "-1"]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 3
+
+
+# ------------------------------------------------------------------ WeightWatcher-named columns, roles, outputs
+
+
+def test_weightwatcher_columns_against_closed_forms():
+    w, s = _known_matrix()  # 14 x 10, singular values 2^(i/2)
+    row = spectra.spectrum_row("w", w, role="key", layer=3)
+    assert (row.role, row.layer, row.N, row.M) == ("key", 3, 14, 10)
+    assert row.Q == pytest.approx(1.4)
+    assert row.lambda_max == pytest.approx(2.0**9, rel=1e-10)
+    assert row.log_norm == pytest.approx(math.log10(np.sum(s**2)), rel=1e-12)
+    assert row.log_spectral_norm == pytest.approx(9 * math.log10(2.0), rel=1e-12)
+    assert row.stable_rank == pytest.approx(10.0 ** (row.log_norm - row.log_spectral_norm), rel=1e-12)
+    assert row.fit_ok is None and math.isnan(row.mp_softrank)  # not fitted
+    iid = (0.05 * np.random.default_rng(6).standard_normal((800, 200))).astype(np.float32)
+    f = spectra.spectrum_row("k", iid, fit=True)
+    assert f.fit_ok is True and f.ks <= f.ks_threshold == 0.05
+    assert f.num_spikes == f.num_spikes_margin == 0
+    assert f.mp_softrank == pytest.approx(f.bulk_max / (f.s_max**2 / 800), rel=1e-12)
+    assert f.bulk_min == pytest.approx(0.05**2 * 0.25, rel=0.1)  # s2 (1 - sqrt(1/4))^2
+    assert f.mp_softrank == pytest.approx(1.0, abs=0.05)  # an iid matrix: its top eigenvalue sits at the edge
+
+
+def test_roles_layers_csv_summary_and_metadata(tmp_path):
+    rng = np.random.default_rng(9)
+    tree = {"blocks": [{"mlp": {"key": {"weight": rng.standard_normal((32, 8))},
+                                "value": {"weight": rng.standard_normal((8, 32))}}} for _ in range(2)],
+            "head": {"weight": rng.standard_normal((3, 8))}}
+    rows = spectra.analyze(tree, fit=True)
+    assert [(r.name, r.role, r.layer) for r in rows] == [
+        ("blocks.0.mlp.key.weight", "key", 0), ("blocks.0.mlp.value.weight", "value", 0),
+        ("blocks.1.mlp.key.weight", "key", 1), ("blocks.1.mlp.value.weight", "value", 1),
+        ("head.weight", "other", None)]
+    table = spectra.format_table(rows)
+    assert table.splitlines()[0].split()[:4] == ["name", "role", "layer", "shape"]
+    summary = spectra.get_summary(rows)
+    assert list(summary) == ["all", "key", "value", "other"] and summary["key"]["count"] == 2
+    assert summary["key"]["stable_rank"] == pytest.approx((rows[0].stable_rank + rows[2].stable_rank) / 2)
+    assert summary["all"]["near_zero_rate"] == pytest.approx(np.mean([r.near_zero_rate for r in rows]))
+    assert math.isnan(summary["other"]["ks"])  # 3 eigenvalues: too few to fit
+    text = spectra.rows_to_csv(rows)
+    import csv
+    import io
+
+    back = list(csv.DictReader(io.StringIO(text)))
+    assert [b["name"] for b in back] == [r.name for r in rows]
+    assert back[0]["shape"] == "32x8" and float(back[0]["s_max"]) == pytest.approx(rows[0].s_max, rel=1e-12)
+    assert back[4]["layer"] == "" and back[4]["mp_c"] == ""  # null -> empty cell
+    doc = json.loads(spectra.rows_to_json(rows, metadata=spectra.table_metadata(source="tree")))
+    assert set(doc) == {"metadata", "summary", "rows"}
+    assert doc["metadata"]["columns"]["stable_rank"].startswith("||W||_F^2 / s_max^2")
+    assert doc["summary"]["other"]["ks"] is None and doc["rows"][1]["role"] == "value"
+    pd = pytest.importorskip("pandas", reason="pandas not installed (optional)")
+    df = spectra.to_dataframe(rows)
+    assert list(df["role"]) == ["key", "value", "key", "value", "other"] and isinstance(df, pd.DataFrame)
+
+
+def test_to_dataframe_without_pandas_names_the_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(ImportError, match="pip install pandas"):
+        spectra.to_dataframe(spectra.analyze(np.eye(3)))
+
+
+def test_model_figures_from_rows(tmp_path):
+    rng = np.random.default_rng(10)
+    tree = {f"layers.{i}.mlp.fc1.weight": rng.standard_normal((48, 12)) for i in range(3)}
+    tree |= {f"layers.{i}.attn.q_proj.weight": rng.standard_normal((12, 12)) for i in range(3)}
+    rows = spectra.analyze(tree, fit=True, keep_sv=True)
+    series = figures_spectra.series_by_layer(rows, "stable_rank")
+    assert set(series) == {"key", "attn_q"} and series["key"][0] == [0, 1, 2]
+    assert series["key"][1] == pytest.approx([r.stable_rank for r in rows if r.role == "key"])
+    paths = figures_spectra.plot_model_spectra(rows, tmp_path, formats=("png",))
+    assert sorted(p.name for p in paths) == ["esd_role_attn_q.png", "esd_role_key.png", "mass80_ratio_vs_depth.png",
+                                            "ratio_vs_depth.png", "stable_rank_vs_depth.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+    with pytest.raises(ValueError):
+        figures_spectra.plot_esd_grid([], tmp_path / "x")
+    with pytest.raises(ValueError):
+        figures_spectra.series_by_layer(rows, "no_such_column")

@@ -1,15 +1,27 @@
-"""``gradsparse spectrum RUN_DIR_OR_CHECKPOINT``: per-layer singular-value table and spectrum figures.
+"""``gradsparse spectrum PATH``: per-matrix singular-value table and spectrum figures of any model.
 
-Input: a run folder (its latest checkpoint; with several checkpoints the ratio / near-zero-rate
-vs step figures are drawn from up to ``--max-checkpoints`` of them), a checkpoint file, or a
-``.npz`` file of named arrays (2-D arrays are analysed, 3-D ones split per layer).
+Input (read by :mod:`gradsparse.weights`): a gradsparse run folder (its latest checkpoint; with
+several checkpoints the ratio / near-zero-rate vs step figures are drawn from up to
+``--max-checkpoints`` of them) or checkpoint file; a ``.npz`` file of named arrays (3-D arrays are
+split per layer); a ``.safetensors`` file or a sharded ``model.safetensors.index.json``; a Hugging
+Face model folder (``config.json`` + ``model.safetensors``, its index, or ``pytorch_model.bin``);
+a PyTorch state dict ``.bin``/``.pt``/``.pth`` (needs torch; ``weights_only=True``). Matrices are
+taken as ``(out, in)`` (GPT-2 Conv1D weights transposed, fused ``c_attn`` split into q/k/v);
+non-float and 1-D tensors are skipped and listed; ``--select`` keeps the matrices whose name
+matches a regex, ``--role ROLE=REGEX`` labels a model's own naming.
 
-Output: the table (or, with ``--json``, a JSON array of rows and nothing else) on stdout; unless
-``--no-figures``, ``spectrum.json`` and the figures in ``--out`` (default ``RUN_DIR/spectrum``;
-for a file, ``spectrum/`` next to it, or next to the run folder of a ``checkpoints/`` file):
-``esd_<name>.png/.pdf`` per matrix (ESD of ``W W^T / N`` with the MP fit and the MP law at
-``c = min/max`` of its shape) and, with several checkpoints, ``ratio_vs_step``,
-``mass80_ratio_vs_step`` and ``near_zero_rate_vs_step``.
+Output: the table, the skipped tensors and a per-role summary on stdout (with ``--json``: a JSON
+array of rows and nothing else; ``--json --meta``: ``{"metadata", "summary", "rows"}`` with the unit
+conventions); ``--csv FILE`` writes the rows as CSV. Unless ``--no-figures``, ``spectrum.json`` (the
+document form) and the figures go to ``--out`` (default: ``RUN_DIR/spectrum``; for a .npz or
+checkpoint file, ``spectrum/`` next to it or next to the run folder of a ``checkpoints/`` file; for
+a foreign model, ``./spectrum_<name>`` in the current folder, never inside the model's folder):
+
+* ``esd_<name>.png/.pdf`` per matrix (ESD of ``W W^T / N`` with the MP fit and the MP law at
+  ``c = min/max`` of its shape) when there are at most ``--max-esd`` matrices or no layer indices;
+* with at least two layer indices: ``esd_role_<role>`` (per role, one panel per matrix, fitted MP
+  law, spikes marked) and ``ratio_vs_depth``, ``mass80_ratio_vs_depth``, ``stable_rank_vs_depth``;
+* with several checkpoints: ``ratio_vs_step``, ``mass80_ratio_vs_step``, ``near_zero_rate_vs_step``.
 """
 
 from __future__ import annotations
@@ -19,19 +31,44 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from gradsparse import spectra
+from gradsparse import spectra, weights
+from gradsparse.io import atomic_write_text
+
+
+def _role_pattern(text: str) -> tuple[str, str]:
+    role, sep, rx = text.partition("=")
+    if not sep or not rx:
+        raise argparse.ArgumentTypeError(f"expected ROLE=REGEX, got {text!r}")
+    if role not in weights.ROLES:
+        raise argparse.ArgumentTypeError(f"unknown role {role!r} (choose from {', '.join(weights.ROLES)})")
+    try:
+        re.compile(rx)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"{rx!r} is not a regular expression ({e})") from None
+    return role, rx
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT",
-                        help="run folder, checkpoint file (.eqx) or .npz file of named arrays")
+    parser.add_argument("path", metavar="PATH",
+                        help="run folder, checkpoint (.eqx), .npz, .safetensors, model.safetensors.index.json, "
+                             "Hugging Face model folder, or PyTorch .bin/.pt (needs torch)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    parser.add_argument("--meta", action="store_true",
+                        help="with --json: print {metadata (units, conventions, skipped), summary, rows}")
+    parser.add_argument("--csv", metavar="FILE", default=None, help="also write the rows as CSV to FILE")
     parser.add_argument("--out", metavar="DIR", default=None,
-                        help="folder for figures and spectrum.json (default: RUN_DIR/spectrum)")
+                        help="folder for figures and spectrum.json (default: RUN_DIR/spectrum; "
+                             "./spectrum_<name> for a foreign model)")
+    parser.add_argument("--select", metavar="REGEX", default=None,
+                        help="analyse only matrices whose name matches REGEX (re.search)")
+    parser.add_argument("--role", metavar="ROLE=REGEX", type=_role_pattern, action="append", default=[],
+                        help=f"label names matching REGEX as ROLE ({', '.join(weights.ROLES)}); repeatable, "
+                             "tried before the built-in naming rules")
+    parser.add_argument("--layout", choices=weights.LAYOUTS, default="auto",
+                        help="matrix layout: auto (detect GPT-2 Conv1D), linear (out, in) as stored, conv1d (transpose)")
     parser.add_argument("--rtol", type=float, default=None,
                         help="non-zero singular values: s > rtol * s_max (default: max(shape) * eps(dtype))")
     parser.add_argument("--route", choices=spectra.ROUTES, default="auto",
@@ -39,29 +76,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fit", action="store_true", help="skip the Marchenko-Pastur fit columns")
     parser.add_argument("--alpha", type=float, default=0.05,
                         help="false-positive rate of the Tracy-Widom spike test (default 0.05)")
-    parser.add_argument("--no-figures", action="store_true", help="print only; write nothing")
+    parser.add_argument("--ks-max", type=float, default=None,
+                        help="KS bound of fit_ok (default: max(0.05, 5 / bulk size))")
+    parser.add_argument("--no-figures", action="store_true", help="print only; write no figures or spectrum.json")
+    parser.add_argument("--max-esd", type=int, default=16,
+                        help="per-matrix ESD figures only for models with at most this many matrices (default 16)")
+    parser.add_argument("--formats", default="png,pdf",
+                        help="figure formats, comma-separated, from png, pdf, svg (default png,pdf)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--max-checkpoints", type=int, default=20,
                         help="checkpoints used for the vs-step figures, evenly spaced (default 20)")
 
 
-def _load(path: Path) -> tuple[Any, dict[str, Any]]:
-    """(pytree of arrays, meta) from a .npz file, a checkpoint file or a run folder."""
-    if path.is_file() and path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                tree = {k: np.asarray(z[k]) for k in z.files}
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read {path} as .npz of arrays: {e}") from None
-        return tree, {}
-    try:
-        from gradsparse import checkpoint
-    except ImportError:  # pragma: no cover - the module ships with the package
-        raise ValueError(f"{path}: only .npz files can be read (checkpoint support is not installed)") from None
-    return checkpoint.load_model(path)
-
-
 def _history(path: Path, limit: int) -> list[tuple[int, Path]]:
-    if not path.is_dir():
+    if not path.is_dir() or not (path / "checkpoints").is_dir():
         return []
     from gradsparse import checkpoint
 
@@ -72,7 +100,12 @@ def _history(path: Path, limit: int) -> list[tuple[int, Path]]:
     return [cks[i] for i in idx]
 
 
-def _default_out(path: Path) -> Path:
+def _default_out(path: Path, fmt: str) -> Path:
+    if not fmt.startswith(("gradsparse", "npz")):  # a foreign model's folder may be read-only or shared
+        stem = path.name if path.is_dir() else path.stem.replace(".safetensors.index", "").replace(".bin.index", "")
+        if stem in ("model", "pytorch_model", ""):
+            stem = path.resolve().parent.name if not path.is_dir() else stem
+        return Path.cwd() / f"spectrum_{_safe(stem)}"
     if path.is_dir():
         return path / "spectrum"
     parent = path.resolve().parent
@@ -85,42 +118,82 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-\[\]]+", "_", name).strip("_.") or "weight"
 
 
-def _figures(rows: list[spectra.SpectrumRow], history_rows: list[tuple[int, list]], out: Path) -> list[Path]:
-    from gradsparse import figures_spectra as fs
-    from gradsparse.io import atomic_write_text
+def _figures(rows: list[spectra.SpectrumRow], history_rows: list[tuple[int, list]], out: Path, document: str,
+             max_esd: int, formats: tuple[str, ...]) -> list[Path]:
+    from gradsparse import figures_spectra as fs  # matplotlib: imported only when figures are drawn
 
-    written = [atomic_write_text(out / "spectrum.json", spectra.rows_to_json(rows) + "\n")]
-    for r in rows:
-        if r.error or r.sv is None:
-            continue
-        n_big, k = max(r.shape), min(r.shape)
-        eigs = r.sv * r.sv / n_big
-        title = f"{r.name} {r.shape[0]}x{r.shape[1]}: ESD of W W^T / {n_big}"
-        written += fs.plot_esd(eigs, out / f"esd_{_safe(r.name)}", fit=r.mp_fit, c_pred=k / n_big,
-                               s2_pred=float(np.sum(eigs)) / k, title=title)
+    written = [atomic_write_text(out / "spectrum.json", document + "\n")]
+    layered = len({r.layer for r in rows if r.layer is not None}) >= 2
+    if len(rows) <= max_esd or not layered:
+        for r in rows:
+            if r.error or r.sv is None:
+                continue
+            n_big, k = max(r.shape), min(r.shape)
+            eigs = r.sv * r.sv / n_big
+            title = f"{r.name} {r.shape[0]}x{r.shape[1]}: ESD of W W^T / {n_big}"
+            written += fs.plot_esd(eigs, out / f"esd_{_safe(r.name)}", fit=r.mp_fit, c_pred=k / n_big,
+                                   s2_pred=float(np.sum(eigs)) / k, title=title, formats=formats)
+    if layered:
+        written += fs.plot_model_spectra(rows, out, formats=formats)
     if len(history_rows) >= 2:
         for col, ylabel in (("ratio", "s_max / s_min (non-zero)"), ("mass80_ratio", "80%-mass ratio of W W^T")):
             written += fs.plot_ratio_vs_step(fs.series_from_rows(history_rows, col), out / f"{col}_vs_step",
-                                             ylabel=ylabel)
+                                             ylabel=ylabel, formats=formats)
         written += fs.plot_near_zero_vs_step(fs.series_from_rows(history_rows, "near_zero_rate"),
-                                             out / "near_zero_rate_vs_step")
+                                             out / "near_zero_rate_vs_step", formats=formats)
     return written
+
+
+def _skipped_lines(skipped: list[tuple[str, str]]) -> list[str]:
+    if not skipped:
+        return []
+    lines = [f"skipped {len(skipped)} tensors:"]
+    for kind, names in weights.names_by_reason(skipped).items():
+        shown = ", ".join(names[:3]) + (f", ... ({len(names) - 3} more)" if len(names) > 3 else "")
+        lines.append(f"  {len(names)} x {kind}: {shown}")
+    return lines
+
+
+def _summary_lines(rows: list[spectra.SpectrumRow]) -> list[str]:
+    summary = spectra.get_summary(rows)
+    cols = ("count", "stable_rank", "ratio", "mass80_ratio", "num_spikes", "ks", "mp_c", "fit_ok")
+    table = [["role", *cols]]
+    for role, d in summary.items():
+        table.append([role] + [spectra._fmt(d[c], "d" if c == "count" else ".4g") for c in cols])
+    widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
+    lines = ["summary (mean per role; fit_ok: fraction of fitted matrices):"]
+    for t in table:
+        lines.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(t, widths))))
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not path.exists():
-        raise FileNotFoundError(f"no run folder, checkpoint or .npz file at {path}")
+        raise FileNotFoundError(f"no model weights at {path}")
     if args.rtol is not None and not (math.isfinite(args.rtol) and 0.0 <= args.rtol < 1.0):
         raise ValueError(f"--rtol must lie in [0, 1), got {args.rtol}")
     if not (0.0 < args.alpha < 1.0):
         raise ValueError(f"--alpha must lie in (0, 1), got {args.alpha}")
+    if args.ks_max is not None and not (0.0 < args.ks_max <= 1.0):
+        raise ValueError(f"--ks-max must lie in (0, 1], got {args.ks_max}")
     if args.max_checkpoints < 1:
         raise ValueError(f"--max-checkpoints must be >= 1, got {args.max_checkpoints}")
+    if args.max_esd < 0:
+        raise ValueError(f"--max-esd must be >= 0, got {args.max_esd}")
+    if args.meta and not args.json:
+        raise ValueError("--meta only applies with --json")
+    formats = tuple(f.strip().lower() for f in args.formats.split(",") if f.strip())
+    if not formats or any(f not in ("png", "pdf", "svg") for f in formats):
+        raise ValueError(f"--formats: {args.formats!r} is not a comma-separated list of png, pdf, svg")
     figures = not args.no_figures
-    tree, meta = _load(path)
-    rows = spectra.analyze(tree, rtol=args.rtol, route=args.route, fit=not args.no_fit, alpha=args.alpha,
-                           keep_sv=figures)
+    roles = dict(args.role)
+    wset = weights.weight_matrices(path, args.select, roles=roles, layout=args.layout)
+    fit = not args.no_fit
+    rows = spectra.analyze(wset, rtol=args.rtol, route=args.route, fit=fit, alpha=args.alpha, keep_sv=figures,
+                           ks_max=args.ks_max, progress=False if args.no_progress else None)
+    meta = spectra.table_metadata(wset, source=str(path), fit=fit, alpha=args.alpha, rtol=args.rtol,
+                                  ks_max=args.ks_max)
     history_rows: list[tuple[int, list]] = []
     if figures:
         hist = _history(path, args.max_checkpoints)
@@ -129,17 +202,36 @@ def run(args: argparse.Namespace) -> int:
 
             for step, ck in hist[:-1]:
                 model, _ = checkpoint.load_model(ck)
-                history_rows.append((step, spectra.analyze(model, rtol=args.rtol, route=args.route)))
+                history_rows.append((step, spectra.analyze(model, rtol=args.rtol, route=args.route,
+                                                           select=args.select, roles=roles, progress=False)))
             history_rows.append((hist[-1][0], rows))
+    if args.csv:
+        atomic_write_text(args.csv, spectra.rows_to_csv(rows))
     if args.json:
-        sys.stdout.write(spectra.rows_to_json(rows) + "\n")
+        sys.stdout.write(spectra.rows_to_json(rows, metadata=meta if args.meta else None) + "\n")
     else:
-        step = meta.get("step") if isinstance(meta, dict) else None
-        print(f"spectrum of {path}" + (f" (step {step})" if step is not None else ""))
+        conv = wset.conventions
+        print(f"spectrum of {path} ({conv['format']}; {conv['layout']}, detected from {conv['layout_detected_from']})")
         print(spectra.format_table(rows))
+        for key, what in (("transposed", "transposed (in, out) -> (out, in)"),
+                          ("fused_qkv_split", "fused q/k/v split into [q], [k], [v]"),
+                          ("fused_qkv_kept_whole", "fused q/k/v kept whole (head layout unknown)")):
+            if conv[key]:
+                print(f"{len(conv[key])} tensors {what}: {', '.join(conv[key][:3])}" + (" ..." if len(conv[key]) > 3 else ""))
+        for line in _skipped_lines(wset.skipped):
+            print(line)
+        if len(rows) > 1:
+            for line in _summary_lines(rows):
+                print(line)
+        if fit:
+            print("units: eigenvalues of W W^T / N, N = max(rows, cols) (WeightWatcher's are N times larger); "
+                  "sigma_mp = entry std; num_spikes: TW test, num_spikes_margin: WeightWatcher's rule")
+        if args.csv:
+            print(f"wrote {args.csv}")
     if figures:
-        out = Path(args.out) if args.out else _default_out(path)
-        written = _figures(rows, history_rows, out)
+        out = Path(args.out) if args.out else _default_out(path, wset.conventions["format"])
+        document = spectra.rows_to_json(rows, metadata=meta)
+        written = _figures(rows, history_rows, out, document, args.max_esd, formats)
         if not args.json:
             print(f"wrote {len(written)} files to {out}")
     return 0
