@@ -5,7 +5,6 @@ values of sentence-transformers / transformers (tests/fixtures/minilm_reference.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import equinox as eqx
@@ -13,147 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy.special import erf
 
 from gradsparse import monitors
 from gradsparse.models import zero_probes
 from gradsparse.models.bert import BertEncoder, encode, hidden_states, load_bert, with_activation
+from tiny_bert import CFG, MAX_LEN, SENTS, mean_pool, numpy_bert, write_tiny_bert
 
 FIXTURE = Path(__file__).parent / "fixtures" / "minilm_reference.npz"
-
-WORDS = ("the cat sat on mat a dog ran in park sparse gradients flat minima make models fast slow "
-         "and is are was big small red blue green ##s ##ed ##ing").split()
-SENTS = ["The cat sat on the mat.", "A dog ran in the park!", "sparse gradients", "Flat minima make models fast, "
-         "and the big red dog was slow.", "cats ran"]
-CFG = dict(vocab_size=48, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-           max_position_embeddings=24, type_vocab_size=2, layer_norm_eps=1e-12, hidden_act="gelu",
-           pad_token_id=0, model_type="bert", position_embedding_type="absolute")
-MAX_LEN = 12
-
-
-def _tokenizer_json(path: Path) -> dict[str, int]:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "!"] + list(WORDS))}
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    tok.save(str(path))
-    return vocab
-
-
-def _random_tensors(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    d, n, V, P = CFG["hidden_size"], CFG["intermediate_size"], CFG["vocab_size"], CFG["max_position_embeddings"]
-    t: dict[str, np.ndarray] = {}
-
-    def w(name, *shape, scale=0.3):
-        t[name] = (scale * rng.standard_normal(shape)).astype(np.float32)
-
-    def ln(prefix):
-        t[prefix + ".weight"] = (1 + 0.2 * rng.standard_normal(d)).astype(np.float32)
-        t[prefix + ".bias"] = (0.1 * rng.standard_normal(d)).astype(np.float32)
-
-    w("embeddings.word_embeddings.weight", V, d, scale=1.0)
-    w("embeddings.position_embeddings.weight", P, d)
-    w("embeddings.token_type_embeddings.weight", 2, d)
-    ln("embeddings.LayerNorm")
-    for i in range(CFG["num_hidden_layers"]):
-        p = f"encoder.layer.{i}"
-        for m in ("query", "key", "value"):
-            w(f"{p}.attention.self.{m}.weight", d, d)
-            w(f"{p}.attention.self.{m}.bias", d, scale=0.1)
-        w(f"{p}.attention.output.dense.weight", d, d)
-        w(f"{p}.attention.output.dense.bias", d, scale=0.1)
-        ln(f"{p}.attention.output.LayerNorm")
-        w(f"{p}.intermediate.dense.weight", n, d)
-        w(f"{p}.intermediate.dense.bias", n, scale=0.3)
-        w(f"{p}.output.dense.weight", d, n)
-        w(f"{p}.output.dense.bias", d, scale=0.1)
-        ln(f"{p}.output.LayerNorm")
-    t["pooler.dense.weight"] = np.zeros((d, d), np.float32)
-    t["embeddings.position_ids"] = np.arange(P, dtype=np.int64)[None]
-    return t
-
-
-def write_tiny_bert(folder: Path, *, normalize: bool = True, sharded: bool = False, seed: int = 0,
-                    config: dict | None = None) -> dict[str, np.ndarray]:
-    """A tiny random BERT in Hugging Face / sentence-transformers layout; returns its tensors."""
-    from safetensors.numpy import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config or CFG))
-    _tokenizer_json(folder / "tokenizer.json")
-    mods = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-    if normalize:
-        mods.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-    (folder / "modules.json").write_text(json.dumps(mods))
-    (folder / "1_Pooling").mkdir(exist_ok=True)
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": CFG["hidden_size"], "pooling_mode_cls_token": False,
-         "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False}))
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": MAX_LEN}))
-    t = _random_tensors(seed)
-    if sharded:
-        names = sorted(t)
-        half = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-                "model-00002-of-00002.safetensors": names[len(names) // 2:]}
-        wmap = {}
-        for fname, keys in half.items():
-            save_file({k: t[k] for k in keys}, str(folder / fname))
-            wmap.update({k: fname for k in keys})
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
-    else:
-        save_file(t, str(folder / "model.safetensors"))
-    return t
-
-
-def numpy_bert(t: dict[str, np.ndarray], ids: np.ndarray, mask: np.ndarray, act=None) -> list[np.ndarray]:
-    """Plain float64 numpy forward of HF BertModel: [h^0, ..., h^L], each (B, T, d)."""
-    act = act or (lambda z: 0.5 * z * (1 + erf(z / np.sqrt(2))))
-    f = {k: v.astype(np.float64) for k, v in t.items() if v.dtype.kind == "f"}
-    H, eps = CFG["num_attention_heads"], CFG["layer_norm_eps"]
-
-    def ln(x, p):
-        mu = x.mean(-1, keepdims=True)
-        var = ((x - mu) ** 2).mean(-1, keepdims=True)
-        return (x - mu) / np.sqrt(var + eps) * f[p + ".weight"] + f[p + ".bias"]
-
-    def lin(x, p):
-        return x @ f[p + ".weight"].T + f[p + ".bias"]
-
-    B, T = ids.shape
-    h = f["embeddings.word_embeddings.weight"][ids] + f["embeddings.position_embeddings.weight"][np.arange(T)][None] \
-        + f["embeddings.token_type_embeddings.weight"][0]
-    h = ln(h, "embeddings.LayerNorm")
-    out = [h]
-    for i in range(CFG["num_hidden_layers"]):
-        p = f"encoder.layer.{i}"
-        q, k, v = (lin(h, f"{p}.attention.self.{m}") for m in ("query", "key", "value"))
-        dh = q.shape[-1] // H
-        ctx = np.zeros_like(q)
-        for b in range(B):
-            for hh in range(H):
-                sl = slice(hh * dh, (hh + 1) * dh)
-                s = q[b, :, sl] @ k[b, :, sl].T / np.sqrt(dh)
-                s = np.where(mask[b][None, :] > 0, s, -np.inf)
-                pr = np.exp(s - s.max(-1, keepdims=True))
-                pr /= pr.sum(-1, keepdims=True)
-                ctx[b, :, sl] = pr @ v[b, :, sl]
-        x = ln(h + lin(ctx, f"{p}.attention.output.dense"), f"{p}.attention.output.LayerNorm")
-        y = lin(act(lin(x, f"{p}.intermediate.dense")), f"{p}.output.dense")
-        h = ln(x + y, f"{p}.output.LayerNorm")
-        out.append(h)
-    return out
-
-
-def mean_pool(h: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    m = mask[..., None].astype(np.float64)
-    return (h * m).sum(1) / m.sum(1)
 
 
 @pytest.fixture(scope="module")
@@ -186,21 +51,24 @@ def test_tiny_bert_matches_numpy_forward(tiny):
         np.testing.assert_allclose(h[real], r[real], rtol=1e-5, atol=1e-5)
     e_ref = mean_pool(ref[-1], batch["attention_mask"])
     e_ref /= np.linalg.norm(e_ref, axis=1, keepdims=True)
-    e = encode(model, tok, SENTS, batch_size=2)  # several batches, sorted by length, put back in order
+    e = encode(model, tok, SENTS)  # encoded in order of length, put back in the given order
     np.testing.assert_allclose(e, e_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, rtol=1e-6)
 
 
 def test_padding_does_not_change_a_sentence(tiny):
     _, _, model, tok, _ = tiny
-    alone = encode(model, tok, [SENTS[2]])[0]
-    in_batch = encode(model, tok, [SENTS[3], SENTS[2]], batch_size=2)[1]
-    np.testing.assert_allclose(in_batch, alone, atol=2e-6)
-    padded = tok([SENTS[2]], pad_to_multiple_of=8)
-    assert padded["input_ids"].shape == (1, 8) and padded["attention_mask"].sum() == 4
-    h1 = hidden_states(model, tok([SENTS[2]]))[-1][0]
-    h8 = hidden_states(model, padded)[-1][0, :4]
-    np.testing.assert_allclose(h8, h1, atol=2e-6)
+    alone = tok([SENTS[2]])
+    assert alone["input_ids"].shape == (1, 4)
+    assert tok([SENTS[2]], pad_to_multiple_of=8)["input_ids"].shape == (1, 8)
+    batch = tok([SENTS[3], SENTS[2]])  # the short sentence padded to the long one's length
+    assert batch["input_ids"].shape[1] == MAX_LEN and batch["attention_mask"][1].sum() == 4
+    h1, hb = hidden_states(model, alone), hidden_states(model, batch)
+    for a, b in zip(h1, hb):
+        np.testing.assert_allclose(b[1, :4], a[0], atol=2e-6)
+    e1 = model.pool(jnp.asarray(h1[-1].reshape(4, -1)), alone["attention_mask"])
+    eb = model.pool(jnp.asarray(hb[-1].reshape(2 * MAX_LEN, -1)), batch["attention_mask"])
+    np.testing.assert_allclose(eb[1], e1[0], atol=2e-6)
 
 
 def test_truncation_at_max_seq_length(tiny):
@@ -231,37 +99,35 @@ def test_sharded_folder_and_no_normalize(tmp_path, tiny):
 def test_probe_gradients_give_the_key_gradient_and_monitors_run(tiny):
     """dL/dK = sum_t eta_t x_t^T and dL/db_K = sum_t eta_t with eta = dL/da * sigma'(z) from the probes:
     the x the monitors see is exactly the input of K (post-LN: LN_att(h + attention)). Padded tokens
-    get exactly zero gradient."""
+    get exactly zero gradient; the sparsity identity (SPEC 2.5, weights sigma'(z)^2) holds. (All
+    monitors on it: tests/test_measure.py.)"""
     _, _, model, tok, _ = tiny
     b = tok(SENTS)
     ids, mask = jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"])
     B, T = ids.shape
     target = jax.random.normal(jax.random.key(0), (B, model.d))
+    keep = np.nonzero(b["attention_mask"].reshape(-1))[0]
 
-    def loss(m, probes):
+    def loss(keys, probes):
+        m = eqx.tree_at(lambda m: [layer.mlp.key for layer in m.layers], model, keys)
         e, aux = m(ids, probes, attention_mask=mask)
         return jnp.mean(jnp.sum(e * target, -1)), aux
 
-    probes = zero_probes(model.mlp_blocks(), B * T)
-    vg = eqx.filter_jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-    (val, aux), (gm, gp) = vg(model, probes)
+    @eqx.filter_jit
+    def run(keys, probes):
+        (_, aux), (gk, gp) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(keys, probes)
+        idn = [monitors.sparsity_identity(ax["z"][keep], ax["x"][keep], pg["a"][keep], blk.act)
+               for blk, ax, pg in zip(model.mlp_blocks(), aux, gp)]
+        return aux, gk, gp, idn
+
+    aux, gk, gp, idn = run([layer.mlp.key for layer in model.layers], zero_probes(model.mlp_blocks(), B * T))
     pad = ~np.asarray(mask, bool).reshape(-1)
-    for layer, ax, pg, glayer in zip(model.layers, aux, gp, gm.layers):
+    for layer, ax, pg, g, ident in zip(model.layers, aux, gp, gk, idn):
         eta = pg["a"] * layer.mlp.act.deriv(ax["z"])
-        np.testing.assert_allclose(glayer.mlp.key.weight, eta.T @ ax["x"], rtol=2e-4, atol=1e-7)
-        np.testing.assert_allclose(glayer.mlp.key.bias, eta.sum(0), rtol=2e-4, atol=1e-7)
-        np.testing.assert_allclose(glayer.mlp.value.bias, pg["y"].sum(0), rtol=2e-4, atol=1e-7)
+        np.testing.assert_allclose(g.weight, eta.T @ ax["x"], rtol=2e-4, atol=1e-7)
+        np.testing.assert_allclose(g.bias, eta.sum(0), rtol=2e-4, atol=1e-7)
         assert np.all(np.asarray(pg["a"])[pad] == 0) and np.all(np.asarray(pg["y"])[pad] == 0)
-    met = monitors.model_metrics(model.mlp_blocks(), aux, gp, B)
-    assert met["density"].shape == (2,) and np.isfinite(np.asarray(met["af_k"])).all()
-    # ReLU swap: the sparsity identity (SPEC 2.5) holds on the real tokens
-    relu = with_activation(model, "relu")
-    (_, aux_r), (_, gp_r) = vg(relu, probes)
-    keep = np.nonzero(~pad)[0]
-    for blk, ax, pg in zip(relu.mlp_blocks(), aux_r, gp_r):
-        idn = monitors.sparsity_identity(ax["z"][keep], ax["x"][keep], pg["a"][keep], blk.act)
-        assert float(idn["identity_relerr"]) < 1e-4
-        assert abs(float(idn["identity_lhs"]) - float(jnp.mean(jnp.sum(ax["z"][keep] > 0, -1)))) < 1e-3
+        assert float(ident["identity_relerr"]) < 1e-4
 
 
 def test_relu_override_matches_numpy(tmp_path):
@@ -271,6 +137,9 @@ def test_relu_override_matches_numpy(tmp_path):
     ref = numpy_bert(t, b["input_ids"], b["attention_mask"], act=lambda z: np.maximum(z, 0))
     real = b["attention_mask"].astype(bool)
     np.testing.assert_allclose(hidden_states(model, b)[-1][real], ref[-1][real], rtol=1e-5, atol=1e-5)
+    swapped = with_activation(load_bert(tmp_path / "r")[0], "relu")  # GELU as loaded, then swapped
+    assert [blk.act.name for blk in swapped.mlp_blocks()] == ["relu", "relu"]
+    np.testing.assert_array_equal(hidden_states(swapped, b)[-1], hidden_states(model, b)[-1])
 
 
 def _expect(folder: Path, match: str, exc=ValueError):
