@@ -100,8 +100,11 @@ def write_tiny_bert(folder: Path, *, normalize: bool = True, sharded: bool = Fal
     return t
 
 
-def numpy_bert(t: dict[str, np.ndarray], ids: np.ndarray, mask: np.ndarray, act=None) -> list[np.ndarray]:
-    """Plain float64 numpy forward of HF BertModel: [h^0, ..., h^L], each (B, T, d)."""
+def numpy_bert(t: dict[str, np.ndarray], ids: np.ndarray, mask: np.ndarray, act=None, zs: list | None = None
+               ) -> list[np.ndarray]:
+    """Plain float64 numpy forward of HF BertModel: [h^0, ..., h^L], each (B, T, d).
+
+    ``zs``: a list that receives each layer's MLP pre-activations z (B, T, n)."""
     act = act or (lambda z: 0.5 * z * (1 + erf(z / np.sqrt(2))))
     f = {k: v.astype(np.float64) for k, v in t.items() if v.dtype.kind == "f"}
     H, eps = CFG["num_attention_heads"], CFG["layer_norm_eps"]
@@ -133,7 +136,10 @@ def numpy_bert(t: dict[str, np.ndarray], ids: np.ndarray, mask: np.ndarray, act=
                 pr /= pr.sum(-1, keepdims=True)
                 ctx[b, :, sl] = pr @ v[b, :, sl]
         x = ln(h + lin(ctx, f"{p}.attention.output.dense"), f"{p}.attention.output.LayerNorm")
-        y = lin(act(lin(x, f"{p}.intermediate.dense")), f"{p}.output.dense")
+        z = lin(x, f"{p}.intermediate.dense")
+        if zs is not None:
+            zs.append(z)
+        y = lin(act(z), f"{p}.output.dense")
         h = ln(x + y, f"{p}.output.LayerNorm")
         out.append(h)
     return out
