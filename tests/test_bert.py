@@ -18,6 +18,9 @@ from gradsparse.models import zero_probes
 from gradsparse.models.bert import BertEncoder, encode, hidden_states, load_bert, with_activation
 from tiny_bert import CFG, MAX_LEN, SENTS, mean_pool, numpy_bert, write_tiny_bert
 
+pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
+pytest.importorskip("tokenizers", reason="tokenizers is not installed (pip install tokenizers)")
+
 FIXTURE = Path(__file__).parent / "fixtures" / "minilm_reference.npz"
 
 
@@ -142,6 +145,24 @@ def test_relu_override_matches_numpy(tmp_path):
     np.testing.assert_array_equal(hidden_states(swapped, b)[-1], hidden_states(model, b)[-1])
 
 
+def test_task_head_names_load_the_same_weights(tmp_path, tiny):
+    """'bert.'-prefixed tensors (BertForMaskedLM & co.) and LayerNorm gamma/beta names are accepted."""
+    from safetensors.numpy import save_file
+
+    _, tensors, model, _, _ = tiny
+    f = tmp_path / "head"
+    write_tiny_bert(f)
+    renamed = {"bert." + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+               for k, v in tensors.items()}
+    renamed["cls.predictions.bias"] = np.zeros(CFG["vocab_size"], np.float32)
+    save_file(renamed, str(f / "model.safetensors"))
+    m2, _, info = load_bert(f)
+    for a, b in zip(jax.tree_util.tree_leaves(eqx.filter(m2, eqx.is_array)),
+                    jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))):
+        np.testing.assert_array_equal(a, b)
+    assert any("cls.predictions.bias" in n for n in info.notes)  # listed as unused
+
+
 def _expect(folder: Path, match: str, exc=ValueError):
     with pytest.raises(exc, match=match):
         load_bert(folder)
@@ -175,6 +196,10 @@ def test_load_errors_name_the_problem(tmp_path):
     write_tiny_bert(q)
     (q / "modules.json").write_text(json.dumps([{"type": "sentence_transformers.models.Dense", "path": "2_Dense"}]))
     _expect(q, "module type 'sentence_transformers.models.Dense' is not supported")
+    c = tmp_path / "c"
+    write_tiny_bert(c)
+    (c / "model.safetensors").write_bytes(b"not a safetensors file")
+    _expect(c, "as safetensors")
     s = tmp_path / "s"
     write_tiny_bert(s, sharded=True)
     (s / "model-00002-of-00002.safetensors").unlink()

@@ -98,6 +98,8 @@ def test_heldout_split_is_deterministic_and_disjoint():
 
 
 def test_sentence_batches_cover_an_epoch(tmp_path):
+    pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
+    pytest.importorskip("tokenizers", reason="tokenizers is not installed (pip install tokenizers)")
     write_tiny_bert(tmp_path / "m")
     _, tok, _ = load_bert(tmp_path / "m")
     sents = [f"the cat sat {'on the mat ' * (i % 3)}." for i in range(12)]

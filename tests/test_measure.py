@@ -17,6 +17,9 @@ from gradsparse.models.bert import load_bert
 from gradsparse.sentences import load_sentences
 from tiny_bert import numpy_bert, write_tiny_bert
 
+pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
+pytest.importorskip("tokenizers", reason="tokenizers is not installed (pip install tokenizers)")
+
 SUBJECTS = ["The cat", "A dog", "The big red dog", "A small blue cat", "The green models"]
 VERBS = ["sat on the mat", "ran in the park", "was slow and sat on the mat", "are fast and ran in the park"]
 

@@ -522,9 +522,13 @@ def with_activation(model: BertEncoder, act: str | Activation) -> BertEncoder:
 # weights -> model
 # --------------------------------------------------------------------------------------------
 
-def _strip_prefix(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Accept 'bert.'-prefixed names (task-head checkpoints) and the old LayerNorm gamma/beta names."""
+def _strip_prefix(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Accept 'bert.'-prefixed names (task-head checkpoints) and the old LayerNorm gamma/beta names.
+
+    Returns (tensors under BertModel names, names outside the 'bert.' prefix that were left out)."""
+    dropped: list[str] = []
     if "embeddings.word_embeddings.weight" not in tensors and "bert.embeddings.word_embeddings.weight" in tensors:
+        dropped = sorted(k for k in tensors if not k.startswith("bert."))
         tensors = {k[5:]: v for k, v in tensors.items() if k.startswith("bert.")}
     out = {}
     for k, v in tensors.items():
@@ -533,7 +537,7 @@ def _strip_prefix(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         elif k.endswith("LayerNorm.beta"):
             k = k[: -len("beta")] + "bias"
         out[k] = v
-    return out
+    return out, dropped
 
 
 class _Weights:
@@ -566,13 +570,21 @@ def build_bert(tensors: dict[str, np.ndarray], cfg: BertConfig, *, pooling: str 
     ``activation`` overrides config.json's ``hidden_act``; ``seq_len`` defaults to
     ``max_position_embeddings``. Missing tensors, wrong shapes and non-float weights raise ValueError.
     """
+    return _build(tensors, cfg, pooling=pooling, normalize=normalize, seq_len=seq_len, activation=activation,
+                  source=source)[0]
+
+
+def _build(tensors: dict[str, np.ndarray], cfg: BertConfig, *, pooling: str, normalize: bool, seq_len: int | None,
+           activation: str | Activation | None, source: str) -> tuple[BertEncoder, list[str]]:
+    """:func:`build_bert` and the names of the tensors it did not use."""
     if pooling not in POOLING_MODES:
         raise ValueError(f"pooling: {pooling!r} is not supported; allowed: {', '.join(POOLING_MODES)}")
     seq_len = cfg.max_position_embeddings if seq_len is None else seq_len
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len <= cfg.max_position_embeddings:
         raise ValueError(f"seq_len: must be an integer in [1, {cfg.max_position_embeddings}], got {seq_len!r}")
     act = HIDDEN_ACTS[cfg.hidden_act]() if activation is None else get_activation(activation)
-    w = _Weights(_strip_prefix(tensors), Path(source))
+    mapped, dropped = _strip_prefix(tensors)
+    w = _Weights(mapped, Path(source))
     d, n, eps = cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps
     emb = BertEmbeddings(w.get("embeddings.word_embeddings.weight", (cfg.vocab_size, d)),
                          w.get("embeddings.position_embeddings.weight", (cfg.max_position_embeddings, d)),
@@ -590,7 +602,8 @@ def build_bert(tensors: dict[str, np.ndarray], cfg: BertConfig, *, pooling: str 
     extra = [k for k in w.t if k.startswith(f"encoder.layer.{cfg.num_hidden_layers}.")]
     if extra:
         raise ValueError(f"{source}: the weights hold more layers than num_hidden_layers = {cfg.num_hidden_layers}")
-    return BertEncoder(emb, layers, pooling, normalize, seq_len)
+    unused = dropped + sorted(set(mapped) - w.used)
+    return BertEncoder(emb, layers, pooling, normalize, seq_len), unused
 
 
 def load_bert(folder: str | Path, *, activation: str | Activation | None = None
@@ -613,12 +626,10 @@ def load_bert(folder: str | Path, *, activation: str | Activation | None = None
     pooling, normalize, notes = _pooling(folder)
     max_len = _max_seq_length(folder, cfg)
     tensors = _read_tensors(folder)
-    model = build_bert(tensors, cfg, pooling=pooling, normalize=normalize, seq_len=max_len, activation=activation,
-                       source=str(folder))
+    model, unused = _build(tensors, cfg, pooling=pooling, normalize=normalize, seq_len=max_len,
+                           activation=activation, source=str(folder))
     tok = SentenceTokenizer.from_folder(folder, cfg, max_len)
     files = _weight_files(folder)
-    used = {k for k in _strip_prefix(tensors) if k.startswith(("embeddings.", "encoder."))} - {"embeddings.position_ids"}
-    unused = sorted(set(_strip_prefix(tensors)) - used)
     if unused:
         notes.append(f"unused tensors: {', '.join(unused[:6])}" + (" ..." if len(unused) > 6 else ""))
     n_params = sum(int(a.size) for a in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array)))
