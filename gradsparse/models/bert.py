@@ -92,8 +92,8 @@ def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
     def load(p: Path) -> dict[str, np.ndarray]:
         try:
             return load_file(str(p))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"cannot read {p} as safetensors: {e}") from None
+        except (SafetensorError, OSError, ValueError, TypeError) as e:  # TypeError: e.g. bfloat16 in numpy
+            raise ValueError(f"cannot read {p} as safetensors: {e}; allowed: float16/float32/float64 tensors") from None
 
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
