@@ -204,7 +204,7 @@ def time_point(layer: dict[str, np.ndarray], bK: np.ndarray, t1: int, t32: int, 
         "v32_dense": lambda: fns["value_dense"](a32), "v32_sparse": lambda: fns["value_sparse"](a32),
         "b32_dense": lambda: fns["block_dense"](x32), "b32_sparse": lambda: fns["block_sparse"](x32),
     }
-    t = interleaved_medians(calls, repeats=repeats, warmup=2, number=2)
+    t = interleaved_medians(calls, repeats=repeats, warmup=2, number=3)
     a1n, a32n = np.asarray(a1), np.asarray(a32)
     out = {"density": float(np.mean(a1n > 0)), "union32": float(np.mean(np.any(a32n > 0, axis=1))),
            "load": load_average()}
@@ -242,7 +242,7 @@ def table(rows: list[tuple[str, dict[str, float]]]) -> str:
 def main() -> None:
     header("bench_sparse_mlp: dense vs sparse MiniLM-shaped MLP blocks (d=384, n=1536), batch 1 and union of 32")
     q = quick()
-    repeats = 5 if q else 15
+    repeats = 5 if q else 25
     t1, t32 = (32, 128) if q else (64, 256)
     sweep = (0.05, 0.2, 0.5) if q else SWEEP
     rows: list[tuple[str, dict[str, float]]] = []
