@@ -4,10 +4,11 @@ Block (d = 384, n = 1536, ReLU; LayerNorms outside): z = K x + b_K (dense, alway
 y = V a + b_V. The sparse value half uses only the active units: with S the active set,
 y = sum_{i in S} a_i V[:, i] + b_V, computed as ``a[S] @ V^T[S]`` (V stored transposed, n x d,
 so the active rows are contiguous), S listed by a prefix count of the active mask (two small
-matmuls: 3-4x cheaper on XLA CPU than ``jnp.nonzero``) and padded with the index of a zero row n. Shapes must be static under jit, so the capacity k is a bucket (multiples of
-64 up to n) chosen INSIDE the jitted function with ``lax.switch`` on the active count: no host
-round trip, no fallback to the dense path (at high density the sparse path pays the gather for
-nothing, and the table shows it).
+matmuls: 3-4x cheaper on XLA CPU than ``jnp.nonzero``) and padded with the index of a zero row n.
+Shapes must be static under jit, so the capacity k is a bucket (multiples of 64 up to n) chosen
+INSIDE the jitted function with ``lax.switch`` on the active count: no host round trip, no
+fallback to the dense path (at high density the sparse path pays the gather for nothing, and the
+table shows it).
 
 Two regimes, each a ``lax.scan`` over a stream of tokens inside one jitted call (so dispatch
 overhead is amortised and equal for both sides):

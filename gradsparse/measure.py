@@ -23,8 +23,8 @@ Three passes over sentences of a text (B sentences per batch; N tokens; n MLP un
    computed per batch with the probes of the same ``value_and_grad`` call, ``num_samples`` = B
    sentences (the loss is their mean), and averaged over batches. Forward quantities that the
    monitors compute again on the crops keep their name with the suffix ``_crops``
-   (``density_crops``, ``act_sparsity_crops``, ``deriv_sparsity_crops``, ``dsigma_sq_crops``). Gradient statistics depend on
-   the batch size (SPEC 3.4): it is reported with them.
+   (``density_crops``, ``act_sparsity_crops``, ``deriv_sparsity_crops``, ``dsigma_sq_crops``).
+   Gradient statistics depend on the batch size (SPEC 3.4): it is reported with them.
 
 Plus the spectrum rows (``gradsparse.spectra.spectrum_row``, SPEC 3.1, with the MP fit) of every
 layer's key matrix K (n x d).

@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported here, not at the top, so that `gradsparse --help` does not load jax and the models
     import jax
 
     from gradsparse import spectra
