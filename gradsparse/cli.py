@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("gradsparse.commands.finetune", "plug sparsity modules into a checkpoint and finetune it"),
     "figures": ("gradsparse.commands.figures", "regenerate the README figures from a quick run"),
     "bench": ("gradsparse.commands.bench", "run the benchmarks and write a markdown table"),
+    "measure": ("gradsparse.commands.measure", "sparsity monitors of a pretrained Hugging Face encoder, per layer"),
 }
 
 
