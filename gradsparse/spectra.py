@@ -81,7 +81,7 @@ import numpy as np
 import scipy.linalg
 from tqdm.auto import tqdm
 
-from gradsparse import rmt, weights
+from gradsparse import checkpoint, rmt, weights
 
 try:  # optional: without it BLAS keeps its own thread count (see _blas_threads)
     from threadpoolctl import ThreadpoolController
@@ -445,6 +445,20 @@ def spectrum_row(
     return row
 
 
+def weight_set(path: str | os.PathLike, select: str | None = None, *, roles: Mapping[str, str] | None = None,
+               layout: str = "auto") -> "weights.WeightSet":
+    """:func:`gradsparse.weights.weight_matrices` for every format, gradsparse run folders and
+    checkpoints included (their model is rebuilt by :func:`gradsparse.checkpoint.load_model`; 3-D
+    stacked leaves are split per layer)."""
+    if weights.detect_format(path) != "gradsparse":
+        return weights.weight_matrices(path, select, roles=roles, layout=layout)
+    model, header = checkpoint.load_model(path)
+    wset = weights.from_tensors(model, select, roles=roles, layout=layout)
+    step = header.get("step") if isinstance(header, dict) else None
+    return wset._replace(conventions={**wset.conventions,
+                                      "format": "gradsparse" if step is None else f"gradsparse (step {step})"})
+
+
 def analyze(
     source: Any,
     *,
@@ -477,7 +491,7 @@ def analyze(
         if not os.path.exists(source):
             raise ValueError(f"source: no file or folder at {source!s}; allowed: a path to model weights, "
                              "a weights.WeightSet or a pytree of arrays")
-        wset = weights.weight_matrices(source, select, roles=roles, layout=layout)
+        wset = weight_set(source, select, roles=roles, layout=layout)
     else:
         wset = weights.from_tensors(source, select, roles=roles, layout=layout)
     mats, skipped = wset.matrices, wset.skipped

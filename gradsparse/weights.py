@@ -389,19 +389,6 @@ def _pytree_arrays(tree: Any) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     return arrays, skipped
 
 
-def _gradsparse_store(p: Path, skipped: list[tuple[str, str]]) -> _Store:
-    # deferred import: reading a gradsparse checkpoint rebuilds the model through the factory, a layer
-    # above this reader; model loaders import this module for the foreign formats alone
-    from gradsparse import checkpoint
-
-    model, header = checkpoint.load_model(p)
-    arrays, skip = _pytree_arrays(model)
-    skipped.extend(skip)
-    store = _dict_store(arrays, "gradsparse", [str(p)])
-    step = header.get("step") if isinstance(header, dict) else None
-    return store._replace(fmt="gradsparse" if step is None else f"gradsparse (step {step})")
-
-
 def _store(path: str | os.PathLike, skipped: list[tuple[str, str]]) -> _Store:
     fmt = detect_format(path)
     p = Path(path)
@@ -411,8 +398,9 @@ def _store(path: str | os.PathLike, skipped: list[tuple[str, str]]) -> _Store:
             if (p / name).is_file():
                 store = _store(p / name, skipped)
                 return store._replace(fmt=f"hf folder ({name})")
-    if fmt == "gradsparse":
-        return _gradsparse_store(p, skipped)
+    if fmt == "gradsparse":  # its structure comes from the factory, a layer above this reader
+        raise ValueError(f"{p} is a gradsparse run folder or checkpoint: read it with gradsparse.checkpoint.load_model "
+                         "(a model) or gradsparse.spectra.weight_set / analyze (its matrices)")
     if fmt == "npz":
         return _npz_store(p)
     if fmt == "safetensors":
@@ -427,8 +415,7 @@ def _store(path: str | os.PathLike, skipped: list[tuple[str, str]]) -> _Store:
 def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every tensor of the weights at ``path``, ``{name: np.ndarray}``, names and layouts as stored.
 
-    For model loaders: nothing is skipped, transposed or split (a gradsparse checkpoint gives its
-    array leaves named ``blocks.0.key.weight`` ...; torch bfloat16 tensors are widened to float32,
+    For model loaders: nothing is skipped, transposed or split (torch bfloat16 tensors are widened to float32,
     safetensors bfloat16 stays ``ml_dtypes.bfloat16``). Raises FileNotFoundError / ValueError (one
     line; an unsupported file lists the supported formats).
     """

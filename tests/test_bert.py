@@ -199,11 +199,11 @@ def test_load_errors_name_the_problem(tmp_path):
     c = tmp_path / "c"
     write_tiny_bert(c)
     (c / "model.safetensors").write_bytes(b"not a safetensors file")
-    _expect(c, "as safetensors")
+    _expect(c, "readable .safetensors")
     s = tmp_path / "s"
     write_tiny_bert(s, sharded=True)
     (s / "model-00002-of-00002.safetensors").unlink()
-    _expect(s, "names shard")
+    _expect(s, "shard .* is missing", FileNotFoundError)
 
 
 def test_encode_and_batch_errors(tiny):

@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--formats: {args.formats!r} is not a comma-separated list of png, pdf, svg")
     figures = not args.no_figures
     roles = dict(args.role)
-    wset = weights.weight_matrices(path, args.select, roles=roles, layout=args.layout)
+    wset = spectra.weight_set(path, args.select, roles=roles, layout=args.layout)
     fit = not args.no_fit
     rows = spectra.analyze(wset, rtol=args.rtol, route=args.route, fit=fit, alpha=args.alpha, keep_sv=figures,
                            ks_max=args.ks_max, progress=False if args.no_progress else None)

@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradsparse import weights
 from gradsparse.activations import GELU, Activation, ReLU, get_activation
 from gradsparse.models.common import Dense, LayerNorm, MLPBlock, zero_probes
 
@@ -80,45 +81,16 @@ _NORM_EPS = 1e-12  # torch.nn.functional.normalize
 # --------------------------------------------------------------------------------------------
 
 def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
-    """All tensors of a Hugging Face folder as numpy arrays: ``model.safetensors`` or the shards of
-    ``model.safetensors.index.json`` (its ``weight_map``: tensor name -> shard file).
-
-    This is the single place where this module reads weights; it is to be replaced by
-    ``gradsparse.weights.read_tensors`` once that reader exists.
-    """
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    def load(p: Path) -> dict[str, np.ndarray]:
-        try:
-            return load_file(str(p))
-        except (SafetensorError, OSError, ValueError, TypeError) as e:  # TypeError: e.g. bfloat16 in numpy
-            raise ValueError(f"cannot read {p} as safetensors: {e}; allowed: float16/float32/float64 tensors") from None
-
-    single = folder / "model.safetensors"
-    index = folder / "model.safetensors.index.json"
-    if single.is_file():
-        return load(single)
-    if index.is_file():
-        try:
-            wmap = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from None
-        if not isinstance(wmap, dict) or not wmap:
-            raise ValueError(f"{index}: 'weight_map' must be a non-empty object of name -> shard file")
-        out: dict[str, np.ndarray] = {}
-        for shard in sorted(set(wmap.values())):
-            p = folder / str(shard)
-            if not p.is_file():
-                raise ValueError(f"{index} names shard {shard!r}, which is not in {folder}")
-            out.update(load(p))
-        missing = sorted(set(wmap) - set(out))
-        if missing:
-            raise ValueError(f"{index}: tensors {missing[:3]} are not in their shards")
-        return out
-    present = sorted(p.name for p in folder.iterdir())[:12]
-    raise ValueError(f"{folder}: no model.safetensors or model.safetensors.index.json (found: {present}); "
-                     "allowed: a Hugging Face folder with safetensors weights")
+    """All tensors of a Hugging Face folder (:func:`gradsparse.weights.read_tensors`: model.safetensors
+    or the shards of model.safetensors.index.json), bfloat16 widened to float32."""
+    if not ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()):
+        present = sorted(p.name for p in folder.iterdir())[:12]
+        raise ValueError(f"{folder}: no model.safetensors or model.safetensors.index.json (found: {present}); "
+                         "allowed: a Hugging Face folder with safetensors weights")
+    out = {}
+    for k, v in weights.read_tensors(folder).items():
+        out[k] = v.astype(np.float32) if v.dtype.kind == "V" or str(v.dtype) == "bfloat16" else v
+    return out
 
 
 def _weight_files(folder: Path) -> list[Path]:
