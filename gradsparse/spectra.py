@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Sequence
 
@@ -357,6 +358,12 @@ def spectrum_row(
     return row
 
 
+def _is_nnx(tree: Any) -> bool:
+    """An NNX model or state (only possible when flax.nnx is already imported)."""
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(tree, (nnx.Module, nnx.State))
+
+
 def analyze(
     tree: Any,
     *,
@@ -371,7 +378,13 @@ def analyze(
     Matrices are visited in pytree order; 3-D leaves are split per layer; see
     :func:`collect_matrices` for names and :func:`spectrum_row` for the arguments. Raises
     ValueError when the input holds no 2-D weight (empty dict, only biases, not a pytree of arrays).
+    A Flax NNX model or ``nnx.State`` gives rows named by variable path (:func:`gradsparse.nnx.named_matrices`).
     """
+    if _is_nnx(tree):  # flax is optional: gradsparse.nnx is imported only for NNX input
+        from gradsparse.nnx import named_matrices
+
+        return [spectrum_row(n, w, rtol=rtol, route=route, fit=fit, alpha=alpha, keep_sv=keep_sv)
+                for n, w in named_matrices(tree).items()]
     mats, skipped = collect_matrices(tree)
     if not mats:
         what = ", ".join(f"{n} ({r})" for n, r in skipped[:5]) or "nothing"
