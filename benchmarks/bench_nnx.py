@@ -14,12 +14,16 @@ model and optimizer, interleaved, in two jit styles:
 
 Printed ratios (medians, warm-up excluded): ``nnx_monitor_overhead_{model}_{style}`` =
 t(step with monitors) / t(plain step); target <= 1.15. The note adds the ratio of the fastest
-repeats (``min_ratio``), which load from other processes disturbs less than the medians.
+repeats (``min_ratio``). ``nnx_monitor_cpu_time_{model}_{style}``: the same ratio of the CPU time
+the process spends per step (``time.process_time``), which other processes on a shared machine
+disturb much less than wall time.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+import time
 
 import common  # noqa: F401  (puts the checkout on sys.path)
 
@@ -144,6 +148,25 @@ def steps(sites, style):
     return functional(plain), functional(monitored)
 
 
+def cpu_time_medians(fns, repeats, number=5):
+    """Median CPU seconds (this process, all threads: time.process_time) per call, interleaved like
+    common.interleaved_medians (which the wall-clock ratios use; 2 warm-up rounds here). Other
+    processes on a shared machine slow wall time down but hardly change the CPU time a step needs."""
+    names = list(fns)
+    for _ in range(2):
+        for n in names:
+            jax.block_until_ready(fns[n]())
+    times = {n: [] for n in names}
+    for r in range(repeats):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.process_time()
+            for _ in range(number):
+                out = fns[n]()
+            jax.block_until_ready(out)
+            times[n].append((time.process_time() - t0) / number)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
 def bench(tag, make_model, x, y, repeats):
     model = make_model()
     sites = gsnnx.find_mlp_blocks(model, x[:2])
@@ -171,6 +194,9 @@ def bench(tag, make_model, x, y, repeats):
         report(f"nnx_monitor_overhead_{tag}_{style}", on / off, target=TARGET,
                note=f"{on * 1e3:.2f} ms vs {off * 1e3:.2f} ms per step ({len(sites)} blocks, median of "
                     f"{t['plain']['repeats']}); ratio of the fastest repeats {best:.3f}", min_ratio=best)
+        c = cpu_time_medians(fns, repeats)
+        report(f"nnx_monitor_cpu_time_{tag}_{style}", c["monitors"] / c["plain"], target=TARGET,
+               note=f"CPU time {c['monitors'] * 1e3:.2f} ms vs {c['plain'] * 1e3:.2f} ms per step")
 
 
 def main() -> None:

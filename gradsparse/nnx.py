@@ -12,8 +12,10 @@ V with kernel (n, d), where V's input is an elementwise activation of K's output
 running the model once on a sample, on a copy (nothing of the model changes): every Linear-like
 pair with those shapes whose data flow satisfies ``V.input == sigma(K.output)`` for one of the
 activations of :data:`ACTIVATIONS` (to ``1e-5 max(1, max|a|)``) is a block; the activation is
-identified from the same data, and the LayerNorm whose output is K's input (SPEC 1: x = LN(h)),
-if any, is recorded for the plug-ins.
+identified from the same data (for a block whose activation is already a
+:class:`MixedActivation`, its ``first``), and the LayerNorm whose output is K's input (SPEC 1:
+x = LN(h)), if any, is recorded for the plug-ins. A model that is already instrumented or
+sparsified gives the same sites again.
 
 **Probes** (the NNX mirror of :class:`gradsparse.models.MLPBlock`'s): :func:`instrument` gives K
 and V, in place, a ``__call__`` that, under ``nnx.capture``, does::
@@ -490,13 +492,18 @@ def find_mlp_blocks(model: Any, *sample: Any, call: Callable[..., Any] | None = 
             if err:
                 why[_name(block)] = f"{_name(kp)} / {_name(vp)}: {err}"
                 continue
-            sig = next((s for s in acts if _matches(s, z, a)), None)
+            loc = _act_location(block, modules[block], z, a)
+            held = _get(copy, loc) if loc is not None else None
+            if isinstance(held, MixedActivation) and act is None:  # a plug-in's mix: its first activation
+                sig = held.first
+            else:
+                sig = next((s for s in acts if _matches(s, z, a)), None)
             if sig is None:
                 why[_name(block)] = (f"{_name(vp)}'s input is not sigma({_name(kp)}'s output) for sigma in "
                                      f"{', '.join(s.name for s in acts)}")
                 continue
-            hits.append((kp, vp, x, z, a, sig))
-        for kp, vp, x, z, a, sig in hits:
+            hits.append((kp, vp, x, z, loc, sig))
+        for kp, vp, x, z, loc, sig in hits:
             name = _name(block) if len(hits) == 1 else f"{_name(block)}.{kp[-1]}"
             ln = None
             for q in norms:
@@ -505,8 +512,7 @@ def find_mlp_blocks(model: Any, *sample: Any, call: Callable[..., Any] | None = 
                     if ln is None or _common(q, kp) > _common(ln, kp):
                         ln = q
             d, n = int(x.shape[-1]), int(z.shape[-1])
-            found.append(MLPSite(name, block, kp, vp, ln, _act_location(block, modules[block], z, a), sig, d, n,
-                                 int(x.shape[-2]) if x.ndim >= 3 else 1))
+            found.append(MLPSite(name, block, kp, vp, ln, loc, sig, d, n, int(x.shape[-2]) if x.ndim >= 3 else 1))
     if select is not None:
         names = [s.name for s in found]
         if callable(select):

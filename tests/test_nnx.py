@@ -416,6 +416,8 @@ def test_plugins_are_the_identity_at_insertion_and_their_projections_hold():
     # the monitors read the live mix
     act = gsnnx.site_activation(m, sites[0])
     assert isinstance(act, Mixed) and float(act.k) == 0.75
+    # the sparsified, instrumented model gives the same sites again
+    assert gsnnx.find_mlp_blocks(m, X[:4]) == sites
 
 
 def test_restricted_ln_from_scratch_and_zeroth_bias_output():
