@@ -73,6 +73,7 @@ import io
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -459,6 +460,12 @@ def weight_set(path: str | os.PathLike, select: str | None = None, *, roles: Map
                                       "format": "gradsparse" if step is None else f"gradsparse (step {step})"})
 
 
+def _is_nnx(tree: Any) -> bool:
+    """An NNX model or state (only possible when flax.nnx is already imported)."""
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(tree, (nnx.Module, nnx.State))
+
+
 def analyze(
     source: Any,
     *,
@@ -483,7 +490,8 @@ def analyze(
     :mod:`gradsparse.weights`; the other arguments: :func:`spectrum_row`. ``progress``: a tqdm bar
     on stderr (None: for 8 or more matrices when stderr is a terminal). A matrix that cannot be
     read gives a row with ``error`` set. Raises ValueError when the input holds no 2-D weight
-    (empty dict, only biases, not a pytree of arrays).
+    (empty dict, only biases, not a pytree of arrays). A Flax NNX model or ``nnx.State`` gives rows
+    named by variable path (:func:`gradsparse.nnx.named_matrices`).
     """
     if isinstance(source, weights.WeightSet):
         wset = source
@@ -492,6 +500,10 @@ def analyze(
             raise ValueError(f"source: no file or folder at {source!s}; allowed: a path to model weights, "
                              "a weights.WeightSet or a pytree of arrays")
         wset = weight_set(source, select, roles=roles, layout=layout)
+    elif _is_nnx(source):
+        from gradsparse.nnx import named_matrices  # here: flax is optional, and only NNX input needs it
+
+        wset = weights.from_tensors(named_matrices(source), select, roles=roles, layout=layout)
     else:
         wset = weights.from_tensors(source, select, roles=roles, layout=layout)
     mats, skipped = wset.matrices, wset.skipped
