@@ -202,17 +202,14 @@ class SShaped(Activation):
         return f"sshaped({self.h:g},{self.sx:g},{self.sy:g})"
 
 
-class SShaped2(Activation):
+class SShaped2(SShaped):
     """The paper's squared S-shape with a flat middle (claim G6; SPEC 5):
 
     with u = z - sx: sigma(z) = relu(u - h)^2 - relu(-u - h)^2 + sy,
     sigma'(z) = 2 relu(u - h) + 2 relu(-u - h). The derivative goes to 0 continuously at the edges
-    of the flat set |u| <= h (unlike the linear dead-zone :class:`SShaped`), whose output is sy.
+    of the flat set |u| <= h (unlike the linear dead-zone :class:`SShaped`), whose output is sy;
+    flat set and output as :class:`SShaped`.
     """
-
-    h: float = eqx.field(static=True, default=1.5)
-    sx: float = eqx.field(static=True, default=0.0)
-    sy: float = eqx.field(static=True, default=0.0)
 
     def __call__(self, z: Array) -> Array:
         u = z - self.sx
@@ -221,13 +218,6 @@ class SShaped2(Activation):
     def deriv(self, z: Array) -> Array:
         u = z - self.sx
         return 2.0 * jax.nn.relu(u - self.h) + 2.0 * jax.nn.relu(-u - self.h)
-
-    def flat_mask(self, z: Array) -> Array:
-        return jnp.abs(z - self.sx) <= self.h
-
-    @property
-    def flat_value(self) -> float:
-        return float(self.sy)
 
     @property
     def name(self) -> str:

@@ -73,6 +73,8 @@ from flax import nnx
 
 from gradsparse import monitors
 from gradsparse.activations import DERIV_TOL, GELU, Activation, JSReLU, Mixed, ReLU, ReLU2, get_activation
+from gradsparse._validate import check_float
+from gradsparse.plugins.schedules import check_ramp_length, ramp
 
 Array = jax.Array
 Path = tuple  # a path in the model: attribute names and list indices, as nnx.iter_modules gives them
@@ -196,25 +198,6 @@ def _unit(name: str, v: object) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
         raise ValueError(f"{name}: must be a number in [0, 1], got {v!r}")
     return float(v)
-
-
-def _ramp_length(name: str, t: object) -> int:
-    if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-        raise ValueError(f"{name}: must be an integer >= 0 (steps); got {t!r}")
-    return t
-
-
-def _ramp(step: Any, t: int) -> Array:
-    """min((step + 1) / t, 1) (1 when t = 0): the value after the update of 0-based ``step``."""
-    if t == 0:
-        return jnp.asarray(1.0, jnp.float32)
-    return jnp.minimum((jnp.asarray(step, jnp.float32) + 1.0) / float(t), 1.0)
-
-
-def _clip_factor(c: object) -> float:
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
-        raise ValueError(f"zeroth_bias_clip: must be a finite number >= 0, got {c!r}")
-    return float(c)
 
 
 def _name(path: Path) -> str:
@@ -740,10 +723,10 @@ def mix_activation(model: Any, sites: Sequence[MLPSite], target: Activation | st
 def mix_projection(sites: Sequence[MLPSite], t_mix: int) -> Projection:
     """``project(model, step)``: k <- min((step + 1) / T_mix, 1) in every site's MixedActivation."""
     sites = _check_sites(sites)
-    t_mix = _ramp_length("t_mix", t_mix)
+    t_mix = check_ramp_length("t_mix", t_mix)
 
     def project(model: Any, step: Any) -> Any:
-        k = _ramp(step, t_mix)
+        k = ramp(step, t_mix)
         for s in sites:
             m = _get(model, s.act_path) if s.act_path is not None else None
             if isinstance(m, MixedActivation):
@@ -800,7 +783,7 @@ def zeroth_bias_projection(sites: Sequence[MLPSite], c: float = 0.1) -> Projecti
     the site has no LayerNorm or it has no scale.
     """
     sites = _check_sites(sites)
-    c = _clip_factor(c)
+    c = check_float("zeroth_bias_clip", c, 0)
 
     def project(model: Any, step: Any) -> Any:
         for s in sites:
@@ -856,10 +839,10 @@ def gamma_ramp_projection(sites: Sequence[MLPSite], t_up: int) -> Projection:
     """Finetuning: ``project(model, step)``: |gamma| <- max(|gamma|, min((step + 1) / T_up, 1)), sign kept
     (sign(0) = +)."""
     sites = _check_sites(sites)
-    t_up = _ramp_length("t_up", t_up)
+    t_up = check_ramp_length("t_up", t_up)
 
     def project(model: Any, step: Any) -> Any:
-        lower = _ramp(step, t_up)
+        lower = ramp(step, t_up)
         for _, ln in _lns(model, sites):
             sc = getattr(ln, "scale", None)
             if isinstance(sc, nnx.Variable):
@@ -909,8 +892,8 @@ def sparsify(model: Any, sites: Sequence[MLPSite], *, activation: Activation | s
     for name, v in (("zeroth_bias", zeroth_bias), ("restricted_ln", restricted_ln), ("from_scratch", from_scratch)):
         if not isinstance(v, bool):
             raise ValueError(f"{name}: must be True or False, got {v!r}")
-    t_mix, t_up = _ramp_length("t_mix", t_mix), _ramp_length("t_up", t_up)
-    c = _clip_factor(zeroth_bias_clip)
+    t_mix, t_up = checkcheck_ramp_length("t_mix", t_mix), checkcheck_ramp_length("t_up", t_up)
+    c = check_float("zeroth_bias_clip", zeroth_bias_clip, 0)
     if zeroth_bias_placement not in PLACEMENTS:
         raise ValueError(f"zeroth_bias_placement: unknown value {zeroth_bias_placement!r}; "
                          f"allowed: {', '.join(PLACEMENTS)}")
