@@ -137,3 +137,49 @@ def test_covariance_tracking_matches_direct_accumulation(tmp_path, mnist):
     assert rec["cov/x_c"][0] == pytest.approx(d / cfg.batch_size)
     assert 1 <= rec["cov/x_participation_ratio"][0] <= d
     assert decay_rate(0.1, 0.5) == pytest.approx(0.95)
+
+
+def test_noisy_labels_rate_and_purity():
+    """Each label is resampled uniformly with probability p: it changes with probability p (1 - 1/C)."""
+    from gradsparse.data import noisy_labels
+
+    y = np.arange(20000) % 10
+    key = jax.random.key(3)
+    assert noisy_labels(y, key, 0.0, 10) is y
+    z = noisy_labels(y, key, 0.3, 10)
+    np.testing.assert_array_equal(z, noisy_labels(y, key, 0.3, 10))   # pure in the key
+    assert np.mean(z != y) == pytest.approx(0.3 * 0.9, abs=0.01)
+    assert set(np.unique(z)) == set(range(10))
+    assert not np.array_equal(z, noisy_labels(y, jax.random.key(4), 0.3, 10))
+
+
+def test_label_noise_changes_training_but_keeps_the_other_keys(mnist):
+    """label_noise draws from its own key: the held-out batch and the first record's monitors of
+    the held-out batch are those of the noise-free run; the training batches' labels differ."""
+    a = train(TrainConfig(**{**TINY, "checkpoint_every": 0}), None, dataset=mnist, progress=False)
+    b = train(TrainConfig(**{**TINY, "checkpoint_every": 0}, label_noise=0.5), None, dataset=mnist, progress=False)
+    assert a.history[0]["heldout/loss"] == b.history[0]["heldout/loss"]
+    assert a.history[0]["loss"] != b.history[0]["loss"]          # same batch inputs, resampled labels
+    with pytest.raises(ValueError, match="label_noise"):
+        TrainConfig(model="lm", data="text", label_noise=0.1).validate()
+    with pytest.raises(ValueError, match="label_noise"):
+        TrainConfig(label_noise=1.0).validate()
+
+
+def test_fixed_subset_monitors_and_flatness(mnist):
+    """With flatness_subset = N the fixed/... monitors at step s are those of the first N training
+    examples evaluated at the model before update s, and the trace is computed there too."""
+    from gradsparse.step import make_eval_fn
+
+    cfg = TrainConfig(**{**TINY, "checkpoint_every": 0, "steps": 1, "log_every": 1}, flatness_every=1,
+                      flatness_probes=2, flatness_subset=64)
+    res = train(cfg, None, dataset=mnist, progress=False)
+    m0 = bare_model(cfg, DataInfo.of(mnist), RunKeys.of(cfg.seed).model)
+    ev = make_eval_fn(default_trainable(m0))(m0, jnp.asarray(mnist.x_train[:64]), jnp.asarray(mnist.y_train[:64]))
+    rec = res.history[0]
+    assert rec["fixed_batch_size"] == 64
+    assert rec["fixed/loss"] == pytest.approx(float(ev["loss"]), rel=1e-6)
+    np.testing.assert_allclose(rec["fixed/af_k"], np.asarray(ev["layers"]["af_k"]), rtol=1e-5)
+    assert np.isfinite(rec["flat/trace_k"])
+    with pytest.raises(ValueError, match="flatness_subset"):
+        train(cfg.replace(flatness_subset=10**6), None, dataset=mnist, progress=False)
