@@ -17,7 +17,7 @@ LAYERS = {
     "gradsparse.rmt": 2, "gradsparse.covariance": 2,
     "gradsparse.plugins": 3, "gradsparse.config": 3, "gradsparse.spectra": 3, "gradsparse.figures": 3,
     "gradsparse.figures_spectra": 3,
-    "gradsparse.factory": 4, "gradsparse.step": 4,
+    "gradsparse.factory": 4, "gradsparse.step": 4, "gradsparse.memory": 4,
     "gradsparse.checkpoint": 5,
     "gradsparse.runfolder": 6,
     "gradsparse.train": 7,
