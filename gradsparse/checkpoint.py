@@ -45,6 +45,8 @@ FORMAT = "gradsparse-checkpoint-1"
 _NAME = re.compile(r"^step_(\d{8,})\.eqx$")
 #: the header's integrity field as it ends the header line
 _TRAILER = re.compile(rb', "header_sha256": "([0-9a-f]{64})"\}\s*$')
+#: any last field holding a SHA-256 (a header_sha256 whose name was damaged, or a legacy payload_sha256)
+_LAST_DIGEST = re.compile(rb', "([^"]*)": "[0-9a-f]{64}"\}\s*$')
 
 
 class CheckpointDamaged(ValueError):
@@ -101,8 +103,10 @@ def _parse_header(line: bytes, path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not a gradsparse checkpoint (no JSON header)") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path} is not a gradsparse checkpoint (its first line is not a JSON object)")
-    if m is None and "header_sha256" in header:
-        raise CheckpointDamaged(f"checkpoint {path} is damaged: its header_sha256 field is malformed")
+    if m is None:
+        last = _LAST_DIGEST.search(line)
+        if "header_sha256" in header or (last is not None and last.group(1) != b"payload_sha256"):
+            raise CheckpointDamaged(f"checkpoint {path} is damaged: its header_sha256 field is malformed")
     if header.get("format") != FORMAT:
         fmt = header.get("format")
         if m is not None or (isinstance(fmt, str) and difflib.SequenceMatcher(None, fmt, FORMAT).ratio() > 0.9):

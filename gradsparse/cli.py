@@ -36,14 +36,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 PSEUDO_ROOTS = ("/proc", "/sys", "/dev")
 
 _HINTS = {
-    errno.EROFS: "the file system is read-only; choose a folder on a writable one",
-    errno.ENOSPC: "no space left on the device; free some space (a training run continues with --resume)",
-    errno.EDQUOT: "the disk quota is used up; free some space (a training run continues with --resume)",
-    errno.EACCES: "permission denied; choose a folder you may write to",
-    errno.EPERM: "operation not permitted; choose a folder you may write to",
+    errno.EROFS: "choose a folder on a writable file system",
+    errno.ENOSPC: "free some space (a training run continues with --resume)",
+    errno.EDQUOT: "free some space (a training run continues with --resume)",
+    errno.EACCES: "choose a folder you may write to",
+    errno.EPERM: "choose a folder you may write to",
     errno.ENOTDIR: "a part of this path is a file, not a folder",
     errno.EEXIST: "a file is in the way where a folder is needed",
-    errno.EISDIR: "this is a folder, a file is needed",
+    errno.EISDIR: "a folder is in the way where a file is needed",
 }
 
 

@@ -125,11 +125,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--resume and --overwrite exclude each other")
     if args.skip_damaged and not args.resume:
         raise ValueError("--skip-damaged applies to --resume only")
-    if not (args.overwrite or args.resume):
-        refuse_existing_run(out)
-
     ckpt = resolve(args.checkpoint)
     refuse_out_in_source(out, ckpt)
+    if not (args.overwrite or args.resume):
+        refuse_existing_run(out)
     if args.resume:
         stored = stored_config(out)
         if stored is not None and not stored.surgery:
