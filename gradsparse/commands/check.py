@@ -11,8 +11,9 @@ interrupted run keeps what it finished):
 - ``<check>.error.txt``: the traceback of a check that crashed (its report line says so).
 
 A report already in ``--out`` is never lost. By default the new results are MERGED into it:
-the results of checks not run now are kept, each check run now replaces its earlier result, and
-both the output and report.md say which were kept and which replaced. Merging needs the same
+the results of checks not run now are kept, each check run now replaces its earlier result
+(and the run folders under ``runs/`` that it trains again), and both the output and report.md
+say which were kept and which replaced. Merging needs the same
 preset and seeds (a smoke G2 beside a quick G1 would mix evidence with code-path tests): a
 report with another preset or seeds, or one that cannot be read, is refused unless
 ``--overwrite`` is given, which starts a new report (the old report's series, error files and
