@@ -172,6 +172,7 @@ class Resume:
     meta: dict[str, Any] | None = None  # the run's meta.json, when readable
     time_lines: list[bytes] = field(default_factory=list)  # kept lines of times.jsonl
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # damaged checkpoints skipped, and why
+    kept_as: list[Path] = field(default_factory=list)  # where open_run moved them (NAME.damaged)
 
 
 def plan_resume(out: Path, cfg: TrainConfig, header: dict[str, Any], model_like: Any, state_like: Any, *,
@@ -507,6 +508,8 @@ def _keep_damaged(path: Path) -> Path:
     """Rename a damaged checkpoint to ``NAME.damaged`` (``NAME.damaged.1``, ... if taken): it stays
     for inspection and is no longer listed as a checkpoint."""
     dst = path.with_name(path.name + ".damaged")
+    if not path.exists():  # gone since it was read: nothing to keep
+        return dst
     i = 1
     while dst.exists():
         dst = path.with_name(f"{path.name}.damaged.{i}")
@@ -535,12 +538,12 @@ def open_run(out: Path, cfg: TrainConfig, header: dict[str, Any], plan: Resume) 
             (out / "covariance.npz").unlink(missing_ok=True)
             atomic_write_json(out / "meta.json", {**meta_now, "started": time.time()})
             return LogWriter(out / "log.jsonl", [], lock, out / "times.jsonl", [])
-        kept_as = [str(_keep_damaged(p).name) for p, _ in plan.skipped if p.exists()]
+        plan.kept_as = [_keep_damaged(p) for p, _ in plan.skipped]
         meta = dict(plan.meta) if plan.meta is not None else dict(meta_now)
         entry = {"from_step": plan.step, "steps": cfg.steps, "time": time.time(), **meta_now}
         if plan.skipped:
-            entry["skipped_damaged"] = [{"checkpoint": p.name, "kept_as": k, "why": why}
-                                        for (p, why), k in zip(plan.skipped, kept_as)]
+            entry["skipped_damaged"] = [{"checkpoint": p.name, "kept_as": k.name, "why": why}
+                                        for (p, why), k in zip(plan.skipped, plan.kept_as)]
         meta["resumes"] = list(meta.get("resumes") or []) + [entry]
         atomic_write_json(out / "meta.json", meta)
         return LogWriter(out / "log.jsonl", plan.log_lines, lock, out / "times.jsonl", plan.time_lines)

@@ -174,9 +174,9 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
 
     # ------------------------------------------------------------ writing starts here
     log = open_run(out, cfg, header, plan) if out is not None else None
-    for path, why in plan.skipped:
-        print(f"gradsparse: resuming from {plan.checkpoint} (step {plan.step}); skipped {path.name}: {why}; "
-              "(kept beside it as *.damaged)", file=sys.stderr)
+    for (path, why), kept in zip(plan.skipped, plan.kept_as):
+        print(f"gradsparse: resuming from {plan.checkpoint} (step {plan.step}); skipped {path.name}: {why} "
+              f"(kept as {kept.name})", file=sys.stderr)
     history: list[dict[str, Any]] = list(plan.records)
     last_ckpt: Path | None = plan.checkpoint
     last_step: int | None = plan.step if plan.checkpoint is not None else None
