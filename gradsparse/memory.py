@@ -22,9 +22,12 @@
   and its attention). These run one after the other, so the peak counts the largest of
   (training step, held-out step, flatness, final evaluation).
 
-total = P + S + G + (P + S) + max(train, held-out, flatness). It is a floor (XLA's temporaries
-come on top), so a config it refuses cannot fit; :func:`check_fits` compares it with the
-memory of the device (``memory_stats()['bytes_limit']`` on an accelerator) or of the machine
+total = P + S + G + (P + S) + max(train, held-out, flatness, final evaluation). Measured on
+CPU (residual MLP, depth 4, batch 64, three monitored steps): width 1024 and 2048 estimate
+1018 and 3829 MiB, the peak RSS rose by 978 and 3739 MiB over a width-8 run, i.e. the estimate
+is within a few percent of the real peak (2-4 % above it there; load 2.9 on 2 cores). The
+accelerator path is not measured yet. :func:`check_fits` refuses only what exceeds the memory
+of the device (``memory_stats()['bytes_limit']`` on an accelerator) or of the machine
 (``os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')``, or a smaller cgroup limit).
 With data parallelism the batch terms are divided by the number of devices.
 """
@@ -124,7 +127,7 @@ def _batch_bytes(batch: int, tokens: int, blocks: list[tuple[int, int]], transfo
 
 
 def estimate(cfg: TrainConfig, info: DataInfo, start: Built | None = None, *, devices: int = 1) -> MemoryEstimate:
-    """The memory floor of training ``cfg`` on data described by ``info`` (see the module docstring).
+    """The memory training ``cfg`` needs on data described by ``info`` (see the module docstring).
 
     ``start``: the starting model of a finetuning run (its arrays are measured instead of
     building); ``devices``: how many devices share each batch (data parallelism).
