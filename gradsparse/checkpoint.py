@@ -2,19 +2,30 @@
 
 File layout: one line of JSON (the header: format, step, the run's config, data info,
 ``surgery`` — the plug-in options applied after construction —, the loop state ``loop`` of a
-training run, and ``payload_bytes`` / ``payload_sha256`` of what follows), then the
-equinox-serialised model leaves, then the optimizer-state leaves. The header is enough to
-rebuild the skeleton that the leaves are read into, so ``load_model(path)`` needs nothing but
-the file.
+training run, ``payload_bytes`` / ``payload_sha256`` of what follows, and last
+``header_sha256``), then the equinox-serialised model leaves, then the optimizer-state leaves.
+The header is enough to rebuild the skeleton that the leaves are read into, so
+``load_model(path)`` needs nothing but the file.
+
+Integrity covers the header too: with J = ``json.dumps(header without header_sha256)`` (the
+canonical header JSON as written), the header line is J with ``, "header_sha256": "<hex>"``
+inserted before its closing brace, where hex = SHA-256(J as UTF-8). Reading recomputes J from
+the line's bytes, so an edited value (a changed ``lr``) or one flipped byte is recognised.
+Checkpoints written before the field existed (no ``header_sha256``) still load; their header is
+checked by the config validation only.
 
 Reading checks everything a damaged or foreign file can get wrong and raises ValueError naming
-the file: no JSON header, another format, a payload shorter/longer than the header says
-(truncated file) or with another SHA-256 (corrupt file), leaves whose shape or dtype differ from
-the model the header describes, bytes left over after the optimizer state.
+the file: no JSON header, another format, a header whose SHA-256 differs (damaged), a payload
+shorter/longer than the header says (truncated file) or with another SHA-256 (corrupt file),
+leaves whose shape or dtype differ from the model the header describes, bytes left over after
+the optimizer state. Every failure that means "this file is damaged" (as opposed to "this file
+is not a checkpoint") is a :class:`CheckpointDamaged` (a ValueError), whose message names the
+file and says "damaged"; ``--resume --skip-damaged`` skips such files.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import json
@@ -32,6 +43,15 @@ from gradsparse.io import atomic_write_bytes
 
 FORMAT = "gradsparse-checkpoint-1"
 _NAME = re.compile(r"^step_(\d{8,})\.eqx$")
+#: the header's integrity field as it ends the header line
+_TRAILER = re.compile(rb', "header_sha256": "([0-9a-f]{64})"\}\s*$')
+#: any last field holding a SHA-256 (a header_sha256 whose name was damaged, or a legacy payload_sha256)
+_LAST_DIGEST = re.compile(rb', "([^"]*)": "[0-9a-f]{64}"\}\s*$')
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint file whose bytes are not what was saved (truncated, flipped, edited); the
+    message names the file and says "damaged"."""
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
@@ -52,33 +72,72 @@ def save_checkpoint(path: str | os.PathLike, model: Any, opt_state: Any, header:
     eqx.tree_serialise_leaves(buf, model)
     eqx.tree_serialise_leaves(buf, opt_state)
     payload = buf.getvalue()
-    head = {"format": FORMAT, **header, "payload_bytes": len(payload),
-            "payload_sha256": hashlib.sha256(payload).hexdigest()}
-    return atomic_write_bytes(path, (json.dumps(head, default=str) + "\n").encode() + payload)
+    head = {"format": FORMAT, **{k: v for k, v in header.items() if k != "header_sha256"},
+            "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest()}
+    return atomic_write_bytes(path, header_line(head) + b"\n" + payload)
+
+
+def header_line(header: dict[str, Any]) -> bytes:
+    """The header line (without its newline) for ``header``: J = ``json.dumps(header)`` with
+    ``"header_sha256": SHA-256(J)`` appended as its last field (see the module docstring).
+    A ``header_sha256`` already in ``header`` is replaced."""
+    if not isinstance(header, dict) or not header:
+        raise ValueError("header: must be a non-empty mapping")
+    body = json.dumps({k: v for k, v in header.items() if k != "header_sha256"}, default=str).encode("utf-8")
+    return body[:-1] + b', "header_sha256": "' + hashlib.sha256(body).hexdigest().encode() + b'"}'
 
 
 def _parse_header(line: bytes, path: Path) -> dict[str, Any]:
+    """The header of ``line``, with its ``header_sha256`` checked when it has one."""
+    m = _TRAILER.search(line)
+    if m is not None:
+        body = line[:m.start()] + b"}"
+        if hashlib.sha256(body).hexdigest() != m.group(1).decode():
+            raise CheckpointDamaged(f"checkpoint {path} is damaged: its header differs from the one it was saved "
+                                    "with (header_sha256 does not match; edited or corrupted)")
     try:
         header = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        if FORMAT.encode() in line[:200] or b'"header_sha256"' in line:
+            raise CheckpointDamaged(f"checkpoint {path} is damaged: its header is not valid JSON") from None
         raise ValueError(f"{path} is not a gradsparse checkpoint (no JSON header)") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        fmt = header.get("format") if isinstance(header, dict) else None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a gradsparse checkpoint (its first line is not a JSON object)")
+    if m is None:
+        last = _LAST_DIGEST.search(line)
+        if "header_sha256" in header or (last is not None and last.group(1) != b"payload_sha256"):
+            raise CheckpointDamaged(f"checkpoint {path} is damaged: its header_sha256 field is malformed")
+    if header.get("format") != FORMAT:
+        fmt = header.get("format")
+        if m is not None or (isinstance(fmt, str) and difflib.SequenceMatcher(None, fmt, FORMAT).ratio() > 0.9):
+            raise CheckpointDamaged(f"checkpoint {path} is damaged: its format field reads {fmt!r}, "
+                                    f"expected {FORMAT!r}")
         raise ValueError(f"{path} is not a gradsparse checkpoint (format {fmt!r}, expected {FORMAT!r})")
     return header
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON header of a checkpoint; ValueError if the file is not a gradsparse checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    path = _regular_file(path)
     try:
         with open(path, "rb") as f:
             line = f.readline(1 << 20)
     except OSError as e:
         raise ValueError(f"cannot read checkpoint {path}: {e}") from None
     return _parse_header(line, path)
+
+
+def _regular_file(path: str | os.PathLike) -> Path:
+    """``path`` when it is a regular file; FileNotFoundError / ValueError saying what it is otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder; give a checkpoint file or a run folder")
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} is not a regular file (a device, pipe or socket); "
+                         "give a checkpoint file (.eqx) or a run folder")
+    return path
 
 
 def _read_verified(path: Path) -> tuple[dict[str, Any], bytes]:
@@ -89,16 +148,19 @@ def _read_verified(path: Path) -> tuple[dict[str, Any], bytes]:
         raise ValueError(f"cannot read checkpoint {path}: {e}") from None
     cut = raw.find(b"\n", 0, 1 << 20)
     if cut < 0:
+        if FORMAT.encode() in raw[:200]:
+            raise CheckpointDamaged(f"checkpoint {path} is damaged: its header line has no end")
         raise ValueError(f"{path} is not a gradsparse checkpoint (no JSON header line)")
     header = _parse_header(raw[:cut], path)
     payload = raw[cut + 1:]
     want = header.get("payload_bytes")
     if want is not None:  # absent only in checkpoints written before the field existed
         if not isinstance(want, int) or len(payload) != want:
-            raise ValueError(f"checkpoint {path} is truncated or damaged: {len(payload)} bytes of leaves, "
-                             f"its header says {want}")
+            raise CheckpointDamaged(f"checkpoint {path} is truncated or damaged: {len(payload)} bytes of leaves, "
+                                    f"its header says {want}")
         if hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
-            raise ValueError(f"checkpoint {path} is damaged: the SHA-256 of its leaves differs from its header's")
+            raise CheckpointDamaged(f"checkpoint {path} is damaged: the SHA-256 of its leaves differs from its "
+                                    "header's")
     return header, payload
 
 
@@ -116,10 +178,12 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or the latest checkpoint of a run folder."""
+    """A checkpoint file, or the latest checkpoint of a run folder (or of its ``checkpoints/`` folder)."""
     p = Path(path)
     if p.is_dir():
         cks = list_checkpoints(p)
+        if not cks and p.name == "checkpoints":
+            cks = list_checkpoints(p.parent) if (p.parent / "checkpoints").resolve() == p.resolve() else []
         if not cks:
             raise FileNotFoundError(f"run folder {p} holds no checkpoints (expected {p}/checkpoints/step_*.eqx)")
         return cks[-1][1]
@@ -133,15 +197,15 @@ def _deserialise(f, like: Any, path: Path, what: str) -> Any:
     try:
         out = eqx.tree_deserialise_leaves(f, like)
     except Exception as e:  # noqa: BLE001 - shape mismatch, truncated data, unreadable .npy: all "does not fit"
-        raise ValueError(f"checkpoint {path}: its {what} does not fit the model its header describes "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise CheckpointDamaged(f"checkpoint {path} is damaged: its {what} does not fit the model its header "
+                                f"describes ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     got = jax.tree_util.tree_leaves_with_path(out)
     want = jax.tree_util.tree_leaves_with_path(like)
     for (kp, a), (_, b) in zip(got, want):
         if eqx.is_array(b) and (not eqx.is_array(a) or a.shape != b.shape or a.dtype != b.dtype):
-            raise ValueError(f"checkpoint {path}: {what} leaf {jax.tree_util.keystr(kp)} is "
-                             f"{getattr(a, 'dtype', type(a).__name__)}{tuple(getattr(a, 'shape', ()))}, the model its "
-                             f"header describes has {b.dtype}{tuple(b.shape)}")
+            raise CheckpointDamaged(f"checkpoint {path} is damaged: {what} leaf {jax.tree_util.keystr(kp)} is "
+                                    f"{getattr(a, 'dtype', type(a).__name__)}{tuple(getattr(a, 'shape', ()))}, the "
+                                    f"model its header describes has {b.dtype}{tuple(b.shape)}")
     return out
 
 
@@ -153,9 +217,7 @@ def read_leaves(path: str | os.PathLike, model_like: Any, opt_like: Any | None
     freshly built model of a run being resumed). With ``opt_like`` given, the file must end
     exactly after the optimizer state. Raises ValueError on any mismatch (see module docstring).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    path = _regular_file(path)
     header, payload = _read_verified(path)
     f = io.BytesIO(payload)
     model = _deserialise(f, model_like, path, "model")
@@ -163,8 +225,8 @@ def read_leaves(path: str | os.PathLike, model_like: Any, opt_like: Any | None
     if opt_like is not None:
         opt_state = _deserialise(f, opt_like, path, "optimizer state")
         if f.tell() != len(payload):
-            raise ValueError(f"checkpoint {path}: {len(payload) - f.tell()} bytes follow the optimizer state; "
-                             "its leaves do not fit the model its header describes")
+            raise CheckpointDamaged(f"checkpoint {path} is damaged: {len(payload) - f.tell()} bytes follow the "
+                                    "optimizer state; its leaves do not fit the model its header describes")
     return model, opt_state, header
 
 

@@ -1,14 +1,25 @@
 """The ``gradsparse`` command line: one entry point, one module per subcommand.
 
 Each subcommand lives in ``gradsparse/commands/<name>.py`` and exposes
-``add_arguments(parser)`` and ``run(args) -> int``. User mistakes (``ValueError``,
-``FileNotFoundError``) become a one-line message on stderr and exit code 2; nothing is written.
+``add_arguments(parser)`` and ``run(args) -> int``. Every failure a user can cause ends in ONE
+line on stderr, never a traceback:
+
+- ``ValueError`` (bad input, a folder that holds a run, a config that does not fit in memory):
+  the message, exit 2; nothing is written;
+- ``OSError`` (read-only file system, permission denied, disk full, a file where a folder is
+  needed, a path under a pseudo-filesystem such as /proc): the path, the flag that chose it and
+  what is wrong, exit 2 (:func:`os_error_line`);
+- running out of memory anyway (``MemoryError``, XLA ``RESOURCE_EXHAUSTED``): exit 2;
+- Ctrl-C: what was kept and, for a run, the exact ``--resume`` command, exit 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
+import shlex
 import sys
 
 # name -> (module, one-line help)
@@ -20,6 +31,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "figures": ("gradsparse.commands.figures", "regenerate the README figures from a quick run"),
     "bench": ("gradsparse.commands.bench", "run the benchmarks and write a markdown table"),
     "measure": ("gradsparse.commands.measure", "sparsity monitors of a pretrained Hugging Face encoder, per layer"),
+}
+
+#: file systems that cannot hold gradsparse's files
+PSEUDO_ROOTS = ("/proc", "/sys", "/dev")
+
+_HINTS = {
+    errno.EROFS: "choose a folder on a writable file system",
+    errno.ENOSPC: "free some space (a training run continues with --resume)",
+    errno.EDQUOT: "free some space (a training run continues with --resume)",
+    errno.EACCES: "choose a folder you may write to",
+    errno.EPERM: "choose a folder you may write to",
+    errno.ENOTDIR: "a part of this path is a file, not a folder",
+    errno.EEXIST: "a file is in the way where a folder is needed",
+    errno.EISDIR: "a folder is in the way where a file is needed",
 }
 
 
@@ -43,11 +68,90 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         p = sub.add_parser(name, help=help_, description=help_)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _parser=p)
     return parser
 
 
+def _flags(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(flag as typed, value) of every path-like argument the user gave or defaulted to."""
+    parser = getattr(args, "_parser", None)
+    names: dict[str, str] = {}
+    if parser is not None:
+        for a in parser._actions:  # argparse keeps no public list of a parser's arguments
+            if a.dest and a.dest not in names:
+                names[a.dest] = max(a.option_strings, key=len) if a.option_strings else (a.metavar or a.dest.upper())
+    out = []
+    for dest, v in vars(args).items():
+        if dest.startswith("_") or dest == "command":
+            continue
+        for item in (v if isinstance(v, list) else [v]):
+            if isinstance(item, (str, os.PathLike)) and str(item):
+                out.append((names.get(dest, "--" + dest.replace("_", "-")), str(item)))
+    return out
+
+
+def _inside(path: str, top: str) -> bool:
+    p, t = os.path.abspath(path), os.path.abspath(top)
+    return p == t or p.startswith(t.rstrip(os.sep) + os.sep)
+
+
+def os_error_line(e: OSError, args: argparse.Namespace | None = None) -> str:
+    """One line for an OSError: the flag and its value, the path, what is wrong, and a hint.
+
+    The flag is the argument whose value is the path, contains it, or lies inside it (a parent
+    folder that could not be made); without one only the path is named.
+    """
+    path = e.filename if e.filename is not None else e.filename2
+    reason = e.strerror or str(e)
+    if path is None or e.errno is None:
+        return str(e).replace("\n", " ")
+    path = os.fsdecode(path)
+    flag = None
+    if args is not None:
+        cands = _flags(args)
+        holding = [c for c in cands if _inside(path, c[1])]
+        under = [c for c in cands if _inside(c[1], path)]
+        if holding:
+            flag = max(holding, key=lambda c: len(os.path.abspath(c[1])))
+        elif under:
+            flag = min(under, key=lambda c: len(os.path.abspath(c[1])))
+    hint = _HINTS.get(e.errno, "")
+    absolute = os.path.abspath(path)
+    pseudo = next((r for r in PSEUDO_ROOTS if _inside(absolute, r)), None)
+    if pseudo is not None and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        hint = f"{pseudo} is a pseudo-filesystem of the kernel, which cannot hold these files; choose another folder"
+    head = ""
+    if flag is not None:
+        head = f"{flag[0]} {flag[1]}: " if os.path.abspath(flag[1]) != absolute else f"{flag[0]} "
+    line = f"{head}{path}: {reason}" + (f"; {hint}" if hint else "")
+    return line.replace("\n", " ")
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted run: the same arguments, ``--resume``
+    added and ``--overwrite`` left out."""
+    tokens = [a for a in argv if a != "--overwrite"]
+    if "--resume" not in tokens:
+        tokens.append("--resume")
+    return "gradsparse " + shlex.join(tokens)
+
+
+def _interrupt_line(e: KeyboardInterrupt, argv: list[str]) -> str:
+    msg = getattr(e, "message", None)
+    if not isinstance(msg, str) or not msg:
+        return "interrupted"
+    if getattr(e, "resumable", False):
+        msg += f"; continue with: {resume_command(argv)}"
+    return msg.replace("\n", " ")
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or (type(e).__name__ in ("XlaRuntimeError", "JaxRuntimeError")
+                                          and "RESOURCE_EXHAUSTED" in str(e))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
@@ -56,14 +160,25 @@ def main(argv: list[str] | None = None) -> int:
     from gradsparse.runtime import enable_compilation_cache
 
     enable_compilation_cache()
+    name = f"gradsparse {args.command}"
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
-        print(f"gradsparse {args.command}: error: {e}", file=sys.stderr)
+    except ValueError as e:
+        print(f"{name}: error: {str(e).replace(chr(10), ' ')}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("gradsparse: interrupted", file=sys.stderr)
+    except OSError as e:
+        print(f"{name}: error: {os_error_line(e, args)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"{name}: {_interrupt_line(e, argv)}", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - only running out of memory is turned into a line here
+        if not _is_oom(e):
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        print(f"{name}: error: out of memory ({first}); use a smaller batch_size, eval_batch, seq_len, width or "
+              "depth", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,10 @@
-"""Atomic output helpers: every file gradsparse writes goes through temp file + rename."""
+"""Atomic output helpers: every file gradsparse writes goes through temp file + rename.
+
+An ``OSError`` raised while writing (read-only file system, permission denied, disk full) is
+re-raised with the TARGET path as its ``filename`` (never the temp file's, and never None as
+it is for a failed ``write`` on a file descriptor), so ``gradsparse.cli`` can name the path and
+the flag that chose it in one line. The temp file is removed on every failure.
+"""
 
 from __future__ import annotations
 
@@ -14,22 +20,56 @@ import numpy as np
 _MODE = 0o644
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def with_target(e: OSError, path: str | os.PathLike, tmp: str | None = None) -> OSError:
+    """``e`` as an OSError of the same kind whose ``filename`` is ``path`` when ``e`` named no
+    file or named the temp file ``tmp``; ``e`` itself otherwise (a parent folder that could not
+    be made, for example, stays named)."""
+    if e.errno is None:
+        return e
+    named = e.filename
+    target = Path(path)
+    temp_names = (f".{target.name}.", f".{target.stem}.")
+    is_temp = named is not None and (
+        (tmp is not None and str(named) == str(tmp))
+        or (Path(named).parent == target.parent and Path(named).name.startswith(temp_names)))
+    if named is None or is_temp:
+        return OSError(e.errno, e.strerror or os.strerror(e.errno), str(path))
+    return e
+
+
+def _unlink_quietly(tmp: str) -> None:
     try:
-        os.fchmod(fd, _MODE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+    except OSError:
+        pass
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename).
+
+    Raises OSError naming ``path`` (see the module docstring); ``path`` is then unchanged.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, _MODE)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+    except OSError as e:
+        new = with_target(e, path, tmp)
+        if new is e:
+            raise
+        raise new from e
     return path
 
 
@@ -50,17 +90,23 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], None]) ->
     equinox serialisation). The temp name keeps the final suffix so format detection works.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
-        writer(tmp)
-        os.chmod(tmp, _MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+        try:
+            writer(tmp)
+            os.chmod(tmp, _MODE)
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+    except OSError as e:
+        new = with_target(e, path, tmp)
+        if new is e:
+            raise
+        raise new from e
     return path
 
 

@@ -2,16 +2,21 @@
 and the log writer.
 
 Layout: ``config.json``, ``meta.json`` (versions, seed, git revision, data digest, resumes),
-``log.jsonl`` (one JSON object per logged step), ``checkpoints/step_*.eqx``, ``summary.json``,
+``log.jsonl`` (one JSON object per logged step; a pure function of config and seed, so two runs
+of one config write identical bytes), ``times.jsonl`` (``{"step", "time"}`` per logged step: the
+wall-clock seconds since the run started, summed over resumed segments; kept out of log.jsonl
+so that the log stays reproducible), ``checkpoints/step_*.eqx``, ``summary.json``,
 ``covariance.npz`` (with ``track_covariance``), ``.lock``.
 
-:func:`plan_resume` reads and checks everything a resumed run needs before anything is written;
-:func:`open_run` then writes the folder's start (fresh or resumed) and returns the
-:class:`LogWriter` the loop appends to.
+:func:`run_contents` says whether a folder already holds (part of) a run: the commands refuse
+such a folder unless ``--resume`` or ``--overwrite`` is given. :func:`plan_resume` reads and
+checks everything a resumed run needs before anything is written; :func:`open_run` then writes
+the folder's start (fresh or resumed) and returns the :class:`LogWriter` the loop appends to.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -31,9 +36,10 @@ import numpy as np
 import optax
 
 from gradsparse import __version__
-from gradsparse.checkpoint import list_checkpoints, read_header, read_leaves
+from gradsparse._validate import check_bool
+from gradsparse.checkpoint import CheckpointDamaged, list_checkpoints, read_header, read_leaves
 from gradsparse.config import TrainConfig, check_resumable
-from gradsparse.io import atomic_write_bytes, atomic_write_json
+from gradsparse.io import atomic_write_bytes, atomic_write_json, with_target
 
 try:  # POSIX advisory locks; elsewhere a run folder is not locked
     import fcntl
@@ -92,6 +98,38 @@ def logged(step: int, cfg: TrainConfig) -> bool:
 
 
 # ---------------------------------------------------------------------------- reading a folder
+#: what a run writes into its folder (a folder holding any of them holds a run, or part of one)
+RUN_FILES = ("config.json", "meta.json", "log.jsonl", "times.jsonl", "summary.json", "covariance.npz", "checkpoints")
+
+
+def run_contents(out: str | os.PathLike) -> list[str]:
+    """The entries of :data:`RUN_FILES` present in ``out`` (``checkpoints`` only when it holds
+    something); [] for a missing or empty folder, or one holding only a lock and temp files."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    found = []
+    for name in RUN_FILES:
+        p = out / name
+        if name == "checkpoints":
+            if p.is_dir() and any(True for _ in p.iterdir()):
+                found.append(name + "/")
+            elif p.exists() and not p.is_dir():
+                found.append(name)
+        elif p.exists():
+            found.append(name)
+    return found
+
+
+def refuse_existing_run(out: str | os.PathLike, flag: str = "--out") -> None:
+    """ValueError when ``out`` holds (part of) a run: nothing there may be replaced without
+    ``--overwrite`` (or continued without ``--resume``)."""
+    found = run_contents(out)
+    if found:
+        raise ValueError(f"{flag} {out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+                         "--overwrite to replace it, or choose another folder")
+
+
 def _read_json_file(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -132,27 +170,40 @@ class Resume:
     log_lines: list[bytes] = field(default_factory=list)  # kept lines, without their newlines
     records: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] | None = None  # the run's meta.json, when readable
+    time_lines: list[bytes] = field(default_factory=list)  # kept lines of times.jsonl
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # damaged checkpoints skipped, and why
+    kept_as: list[Path] = field(default_factory=list)  # where open_run moved them (NAME.damaged)
 
 
-def plan_resume(out: Path, cfg: TrainConfig, header: dict[str, Any], model_like: Any, state_like: Any) -> Resume:
+def plan_resume(out: Path, cfg: TrainConfig, header: dict[str, Any], model_like: Any, state_like: Any, *,
+                skip_damaged: bool = False) -> Resume:
     """Read and check everything a resume needs from ``out``; raise ValueError on any mismatch.
 
     - no ``config.json``: nothing was started (or the run was killed before writing anything),
-      so the run starts from step 0 — unless a log or checkpoints are there, which means the
-      folder is damaged;
+      so the run starts from step 0 — unless other run files are there (:data:`RUN_FILES`),
+      which means the folder is damaged;
     - ``config.json`` must be resumable as ``cfg`` (:func:`gradsparse.config.check_resumable`);
     - no checkpoint yet: start from step 0 (the log is dropped);
-    - else the latest checkpoint (step c) is read into the skeletons (shapes, dtypes, length and
-      SHA-256 checked), its header must describe the same config (up to ``steps``), data info
-      and data digest, and the log must hold exactly the lines the checkpoint counted (same
-      SHA-256): those with step < c that ``cfg`` logs are kept, any later or partial line is dropped.
+    - else the latest checkpoint (step c) is read into the skeletons (header SHA-256, shapes,
+      dtypes, length and SHA-256 checked), its header must describe the same config (up to
+      ``steps``), data info and data digest, and the log must hold exactly the lines the
+      checkpoint counted (same SHA-256): those with step < c that ``cfg`` logs are kept, any
+      later or partial line is dropped (``times.jsonl`` is cut back to the same steps).
+
+    A damaged latest checkpoint (:class:`gradsparse.checkpoint.CheckpointDamaged`) is refused
+    with a message naming it and the newest intact earlier checkpoint; with ``skip_damaged``
+    the resume starts from that one instead (``Resume.skipped`` lists what was skipped and
+    why; :func:`open_run` keeps those files as ``*.damaged``) and the log is cut back to it.
+    Any other mismatch (another config, other data) is refused whatever ``skip_damaged`` says.
     """
+    check_bool("skip_damaged", skip_damaged)
     res = Resume()
     stored = stored_config(out)
     if stored is None:
-        if list_checkpoints(out) or (out / "log.jsonl").exists():
-            raise ValueError(f"{out} holds a log or checkpoints but no config.json; the run folder is damaged "
-                             "and cannot be resumed")
+        found = [n for n in run_contents(out) if n != "config.json"]
+        if found:
+            raise ValueError(f"{out} holds {', '.join(found)} but no config.json; the run folder is damaged and "
+                             "cannot be resumed (--overwrite replaces it)")
         return res
     check_resumable(stored, cfg, f"the run in {out} (config.json)")
     meta_path = out / "meta.json"
@@ -162,10 +213,37 @@ def plan_resume(out: Path, cfg: TrainConfig, header: dict[str, Any], model_like:
     cks = list_checkpoints(out)
     if not cks:
         return res
-    step, path = cks[-1]
+    for i in range(len(cks) - 1, -1, -1):
+        step, path = cks[i]
+        try:
+            h, model, state = _read_resumable(path, step, cfg, header, model_like, state_like)
+        except CheckpointDamaged as e:
+            if not skip_damaged:
+                raise ValueError(f"{e}; {_offer(cks[:i], cfg, header, model_like, state_like)}") from None
+            res.skipped.append((path, str(e)))
+            continue
+        break
+    else:
+        raise ValueError(f"{out}: none of its {len(cks)} checkpoints is intact (latest: {res.skipped[0][1]}); "
+                         "the run cannot be resumed (--overwrite starts it over)")
+    loop = h.get("loop") if isinstance(h.get("loop"), dict) else {}
+    res.step, res.checkpoint, res.model, res.state = step, path, model, state
+    elapsed = loop.get("elapsed_s", 0.0)
+    res.elapsed_s = float(elapsed) if isinstance(elapsed, (int, float)) and math.isfinite(elapsed) else 0.0
+    res.log_lines, res.records = _resume_log(out / "log.jsonl", loop, step, cfg)
+    res.time_lines = _resume_times(out / "times.jsonl", [r["step"] for r in res.records])
+    return res
+
+
+def _read_resumable(path: Path, step: int, cfg: TrainConfig, header: dict[str, Any], model_like: Any,
+                    state_like: Any) -> tuple[dict[str, Any], Any, Any]:
+    """(header, model, state) of checkpoint ``path`` (named ``step``) for resuming ``cfg``.
+
+    CheckpointDamaged when the file is damaged; ValueError when it belongs to another run."""
     h = read_header(path)  # header checks first: they name what differs; the leaves are read last
     if h.get("step") != step:
-        raise ValueError(f"checkpoint {path}: its header says step {h.get('step')!r}, its name says {step}")
+        raise CheckpointDamaged(f"checkpoint {path} is damaged or renamed: its header says step {h.get('step')!r}, "
+                                f"its name says {step}")
     try:
         ck_cfg = TrainConfig.from_dict(h.get("config"))
     except (ValueError, TypeError) as e:
@@ -180,12 +258,22 @@ def plan_resume(out: Path, cfg: TrainConfig, header: dict[str, Any], model_like:
                 raise ValueError(f"checkpoint {path}: the {what} it was trained with differs from this run's "
                                  f"({key} {h.get(key)!r} vs {header.get(key)!r}); resume with the same data and model")
     model, state, _ = read_leaves(path, model_like, state_like)
-    loop = h.get("loop") if isinstance(h.get("loop"), dict) else {}
-    res.step, res.checkpoint, res.model, res.state = step, path, model, state
-    elapsed = loop.get("elapsed_s", 0.0)
-    res.elapsed_s = float(elapsed) if isinstance(elapsed, (int, float)) and math.isfinite(elapsed) else 0.0
-    res.log_lines, res.records = _resume_log(out / "log.jsonl", loop, step, cfg)
-    return res
+    return h, model, state
+
+
+def _offer(earlier: list[tuple[int, Path]], cfg: TrainConfig, header: dict[str, Any], model_like: Any,
+           state_like: Any) -> str:
+    """What to say after a damaged checkpoint: the newest intact one among ``earlier``, if any."""
+    for step, path in reversed(earlier):
+        try:
+            _read_resumable(path, step, cfg, header, model_like, state_like)
+        except CheckpointDamaged:
+            continue
+        except ValueError:
+            break
+        return (f"the newest intact checkpoint is {path.name} (step {step}): resume with --skip-damaged to "
+                f"continue from it (the log is cut back to step {step}; damaged files are kept as *.damaged)")
+    return "no earlier checkpoint is intact; --overwrite starts the run over"
 
 
 def _resume_log(path: Path, loop: dict[str, Any], c: int, cfg: TrainConfig) -> tuple[list[bytes], list[dict]]:
@@ -237,6 +325,31 @@ def _resume_log(path: Path, loop: dict[str, Any], c: int, cfg: TrainConfig) -> t
     return lines, records
 
 
+def _resume_times(path: Path, steps: list[int]) -> list[bytes]:
+    """The lines of ``times.jsonl`` a resumed run keeps: one per kept log step, in order.
+
+    Wall-clock times are not part of what a run reproduces, so this never refuses: a missing,
+    unreadable or damaged file keeps what can be matched (complete lines whose ``step`` is the
+    next kept log step) and drops the rest."""
+    try:
+        raw = path.read_bytes() if path.exists() else b""
+    except OSError:
+        return []
+    kept: list[bytes] = []
+    want = iter(steps)
+    nxt = next(want, None)
+    for line in raw.split(b"\n")[:-1]:
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            break
+        if nxt is None or not isinstance(rec, dict) or rec.get("step") != nxt:
+            break
+        kept.append(line)
+        nxt = next(want, None)
+    return kept
+
+
 # ---------------------------------------------------------------------------- writing a folder
 def remove_temp_files(out: Path) -> None:
     """Delete the temp files of atomic writes that a killed process left (``.NAME.XXXX.tmp``)."""
@@ -258,75 +371,159 @@ def lock_run_folder(out: Path):
     f = open(out / ".lock", "a+b")
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
         f.close()
-        raise ValueError(f"run folder {out} is in use by another gradsparse process") from None
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise ValueError(f"run folder {out} is in use by another gradsparse process") from None
+        raise with_target(e, out / ".lock") from e
     return f
 
 
-class LogWriter:
-    """Appends one JSON line per record to ``log.jsonl`` and keeps the count and SHA-256 of the
-    lines written so far (a checkpoint stores both, so a resume can cut the log back to it).
+class JsonlAppender:
+    """Appends whole lines to one file and never leaves a half line behind.
 
-    Each record is written with one ``write`` and flushed; if that fails (disk full), the file is
-    cut back to its last complete line before the error propagates, so the log never ends in a
-    half-written line.
+    The file is written through an unbuffered descriptor opened with O_APPEND: each line goes
+    out with ``os.write`` calls until all of it is written, so nothing is buffered that a later
+    ``flush`` or ``close`` could write (or half-write). If writing a line fails in any way (disk
+    full, read-only, an interrupt between two partial writes), the file is cut back to its last
+    complete line (``ftruncate`` to the size before the line) before the error propagates;
+    :meth:`close` cuts back again if the size on disk is not the size of the complete lines.
+    OSErrors name the file.
     """
 
-    def __init__(self, path: Path, kept: list[bytes], lock: Any):
-        self.path, self.lock = path, lock
-        self.hash, self.count = hashlib.sha256(), 0
+    def __init__(self, path: Path, kept: list[bytes]):
+        self.path = Path(path)
         body = b"".join(line + b"\n" for line in kept)
-        self.hash.update(body)
-        self.count = len(kept)
-        if kept:
-            atomic_write_bytes(path, body)
-            self.f = open(path, "ab")
-        else:
-            self.f = open(path, "wb")
-        self._size = len(body)
-
-    def write(self, rec: dict[str, Any]) -> None:
-        line = (json.dumps(rec) + "\n").encode("utf-8")
+        atomic_write_bytes(self.path, body)  # also a fresh, empty file
         try:
-            self.f.write(line)
-            self.f.flush()
-        except OSError:
+            self.fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as e:
+            raise with_target(e, self.path) from e
+        self.size = len(body)
+
+    def append(self, line: bytes) -> None:
+        """Write ``line`` (which ends in a newline) whole, or leave the file as it was."""
+        if self.fd is None:
+            raise ValueError(f"{self.path} is closed")
+        try:
+            view = memoryview(line)
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+        except BaseException as e:
             self._cut_back()
+            if isinstance(e, OSError):
+                new = with_target(e, self.path)
+                if new is not e:
+                    raise new from e
             raise
-        self._size += len(line)
-        self.hash.update(line)
-        self.count += 1
+        self.size += len(line)
 
     def _cut_back(self) -> None:
+        """Truncate to the complete lines; best effort (a second failure is reported by close)."""
         try:
-            self.f.close()
-        except OSError:
-            pass
-        with open(self.path, "r+b") as f:
-            f.truncate(self._size)
-        self.f = open(self.path, "ab")
+            os.ftruncate(self.fd, self.size)
+        except (OSError, TypeError):
+            try:
+                os.truncate(self.path, self.size)
+            except OSError:
+                pass
 
     def sync(self) -> None:
-        """Flush and fsync: the lines a checkpoint counts are on disk before it is."""
-        self.f.flush()
-        os.fsync(self.f.fileno())
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise with_target(e, self.path) from e
+
+    def close(self) -> None:
+        """Close the file; if its size is not that of the complete lines (a failed cut-back),
+        cut it back first. Never writes."""
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            if os.fstat(fd).st_size != self.size:
+                os.ftruncate(fd, self.size)
+        except OSError:
+            pass
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class LogWriter:
+    """Appends one JSON line per record to ``log.jsonl`` (and, with ``time``, one
+    ``{"step", "time"}`` line to ``times.jsonl``) and keeps the count and SHA-256 of the log
+    lines written so far (a checkpoint stores both, so a resume can cut the log back to it).
+
+    Each line is written whole or not at all (:class:`JsonlAppender`): a failed write (disk
+    full) or a failure while closing never leaves a half line at the end of either file.
+    """
+
+    def __init__(self, path: Path, kept: list[bytes], lock: Any, times_path: Path | None = None,
+                 kept_times: list[bytes] | None = None):
+        self.path, self.lock = Path(path), lock
+        self.hash = hashlib.sha256(b"".join(line + b"\n" for line in kept))
+        self.count = len(kept)
+        self.log = JsonlAppender(self.path, kept)
+        self.times = None
+        try:
+            if times_path is not None:
+                self.times = JsonlAppender(times_path, list(kept_times or []))
+        except BaseException:
+            self.log.close()
+            raise
+
+    def write(self, rec: dict[str, Any], time: float | None = None) -> None:
+        """Append ``rec`` to the log; with ``time``, ``{"step": rec["step"], "time": time}`` to times.jsonl."""
+        line = (json.dumps(rec) + "\n").encode("utf-8")
+        self.log.append(line)
+        self.hash.update(line)
+        self.count += 1
+        if time is not None and self.times is not None:
+            self.times.append((json.dumps({"step": rec.get("step"), "time": time}) + "\n").encode("utf-8"))
+
+    def sync(self) -> None:
+        """fsync: the lines a checkpoint counts are on disk before it is."""
+        self.log.sync()
+        if self.times is not None:
+            self.times.sync()
 
     def position(self) -> dict[str, Any]:
         return {"log_lines": self.count, "log_sha256": self.hash.hexdigest()}
 
     def close(self) -> None:
         try:
-            self.f.close()
+            self.log.close()
+            if self.times is not None:
+                self.times.close()
         finally:
             if self.lock is not None:
                 self.lock.close()
 
 
+def _keep_damaged(path: Path) -> Path:
+    """Rename a damaged checkpoint to ``NAME.damaged`` (``NAME.damaged.1``, ... if taken): it stays
+    for inspection and is no longer listed as a checkpoint."""
+    dst = path.with_name(path.name + ".damaged")
+    if not path.exists():  # gone since it was read: nothing to keep
+        return dst
+    i = 1
+    while dst.exists():
+        dst = path.with_name(f"{path.name}.damaged.{i}")
+        i += 1
+    os.replace(path, dst)
+    return dst
+
+
 def open_run(out: Path, cfg: TrainConfig, header: dict[str, Any], plan: Resume) -> LogWriter:
     """Write the start of a run into ``out`` (locked): a fresh start (no checkpoint to resume)
-    removes the checkpoints and summary an earlier run left and writes config/meta; a resume
-    keeps the checked log lines and records the resume in ``meta.json``. Returns the log writer."""
+    removes the checkpoints, summary and covariance file an earlier run left (the commands allow
+    that only with ``--overwrite`` or for a ``--resume`` before the first checkpoint) and
+    writes config/meta; a resume keeps the checked log lines, renames the damaged checkpoints it
+    skipped to ``*.damaged`` and records the resume in ``meta.json``. Returns the log writer."""
     out.mkdir(parents=True, exist_ok=True)
     lock = lock_run_folder(out)
     try:
@@ -338,13 +535,18 @@ def open_run(out: Path, cfg: TrainConfig, header: dict[str, Any], plan: Resume) 
         if plan.checkpoint is None:  # fresh start (also: resumed before the first checkpoint)
             for _, p in list_checkpoints(out):
                 p.unlink(missing_ok=True)
+            (out / "covariance.npz").unlink(missing_ok=True)
             atomic_write_json(out / "meta.json", {**meta_now, "started": time.time()})
-            return LogWriter(out / "log.jsonl", [], lock)
+            return LogWriter(out / "log.jsonl", [], lock, out / "times.jsonl", [])
+        plan.kept_as = [_keep_damaged(p) for p, _ in plan.skipped]
         meta = dict(plan.meta) if plan.meta is not None else dict(meta_now)
-        meta["resumes"] = list(meta.get("resumes") or []) + [
-            {"from_step": plan.step, "steps": cfg.steps, "time": time.time(), **meta_now}]
+        entry = {"from_step": plan.step, "steps": cfg.steps, "time": time.time(), **meta_now}
+        if plan.skipped:
+            entry["skipped_damaged"] = [{"checkpoint": p.name, "kept_as": k.name, "why": why}
+                                        for (p, why), k in zip(plan.skipped, plan.kept_as)]
+        meta["resumes"] = list(meta.get("resumes") or []) + [entry]
         atomic_write_json(out / "meta.json", meta)
-        return LogWriter(out / "log.jsonl", plan.log_lines, lock)
+        return LogWriter(out / "log.jsonl", plan.log_lines, lock, out / "times.jsonl", plan.time_lines)
     except BaseException:
         if lock is not None:
             lock.close()

@@ -14,6 +14,7 @@ order of step s comes from ``fold_in(data_key, epoch)``, the noise of step s fro
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +32,10 @@ from gradsparse.data import (LABEL_NOISE_TAG, Batcher, DataInfo, Dataset, data_s
                              noisy_labels)
 from gradsparse.factory import Built, RunKeys, build, init_state, make_accumulator, make_optimizer, make_schedule
 from gradsparse.io import atomic_write_json
+from gradsparse.memory import check_fits
 from gradsparse.monitors import summarize
 from gradsparse.parallel import DataParallel
-from gradsparse.runfolder import Resume, logged, open_run, plan_resume
+from gradsparse.runfolder import Resume, logged, open_run, plan_resume, stored_config
 from gradsparse.step import final_eval, flatness_fn, locate_nonfinite, make_eval_fn, make_train_step
 
 
@@ -44,6 +46,30 @@ class TrainingDiverged(RuntimeError):
         self.step, self.where, self.checkpoint = step, where, checkpoint
         keep = f"; last good checkpoint: {checkpoint}" if checkpoint else ""
         super().__init__(f"non-finite loss or gradient at step {step} ({where}){keep}")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised when training is interrupted (Ctrl-C, SIGINT): a checkpoint at the current step
+    was saved when one could be written (``checkpoint``, ``saved``), so ``--resume`` continues
+    from ``step``; ``message`` says what was kept."""
+
+    def __init__(self, step: int, steps: int, checkpoint: Path | None, saved: bool, out: Path | None,
+                 why_not: str | None = None):
+        self.step, self.steps, self.checkpoint, self.saved, self.out = step, steps, checkpoint, saved, out
+        msg = f"interrupted at step {step} of {steps}; "
+        if why_not:
+            msg += f"no checkpoint written ({why_not}); "
+        if out is None:
+            msg += "no run folder: nothing kept"
+        elif saved:
+            msg += f"checkpoint {checkpoint} holds step {step}"
+        elif checkpoint is not None:
+            msg += f"the newest checkpoint is {checkpoint}"
+        else:
+            msg += "no checkpoint yet, so a resume starts from step 0"
+        self.message = msg
+        self.resumable = out is not None
+        super().__init__(msg)
 
 
 @dataclass
@@ -71,42 +97,59 @@ def _fmt(v: float) -> str:
 
 def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset: Dataset | None = None,
           start: Built | None = None, progress: bool = True,
-          on_log: Callable[[dict[str, Any]], None] | None = None, resume: bool = False) -> RunResult:
+          on_log: Callable[[dict[str, Any]], None] | None = None, resume: bool = False,
+          skip_damaged: bool = False) -> RunResult:
     """Train ``cfg`` and write the run folder (when ``out_dir`` is given).
 
     The model, trainable mask and projections come from :func:`gradsparse.factory.build`, or from
     ``start`` (finetuning passes :func:`gradsparse.factory.finetune_start`'s result, whose surgery
     options must be in ``cfg.surgery``). The log holds one JSON object per logged step with
-    ``step``, ``loss``, ``accuracy``, ``lr``, ``batch_size``, ``time`` (seconds since the run
-    started, summed over resumed segments) and per-layer monitors under ``train/...`` (this step's
-    batch) and ``heldout/...`` (the run's fixed held-out batch), each also as ``.../mean``. Record
-    s is computed before update s; the checkpoint ``step_c`` holds the state after c updates.
+    ``step``, ``loss``, ``accuracy``, ``lr``, ``batch_size`` and per-layer monitors under
+    ``train/...`` (this step's batch) and ``heldout/...`` (the run's fixed held-out batch), each
+    also as ``.../mean``: nothing in it depends on the clock, so one config and seed give the
+    same bytes. The wall-clock time of each logged step (seconds since the run started, summed
+    over resumed segments) goes to ``times.jsonl`` as ``{"step", "time"}``. Record s is computed
+    before update s; the checkpoint ``step_c`` holds the state after c updates.
 
     Run folder: see :mod:`gradsparse.runfolder`. ``resume=True`` continues the run in ``out_dir``
     from its latest checkpoint (:func:`gradsparse.runfolder.plan_resume`): data order, noise, the
     held-out batch, the flatness probes and the covariance accumulators are functions of
     (seed, step) or checkpointed, so the resumed run writes the same parameters and log lines as
-    an uninterrupted one. ``on_log`` is called only for steps computed in this call. Everything is
-    checked before anything is written: ValueError leaves the folder untouched.
+    an uninterrupted one; ``skip_damaged=True`` lets a resume start from the newest intact
+    checkpoint when later ones are damaged (see :func:`gradsparse.runfolder.plan_resume`).
+    ``on_log`` is called only for steps computed in this call. Everything is checked before
+    anything is written, the memory the config needs included
+    (:func:`gradsparse.memory.check_fits`): ValueError leaves the folder untouched.
 
     Raises :class:`TrainingDiverged` on NaN/inf: the log then ends at the last finite logged
-    step and the last checkpoint is kept.
+    step and the last checkpoint is kept. Raises :class:`TrainingInterrupted` (a
+    KeyboardInterrupt) on Ctrl-C after saving a checkpoint at the current step when it can.
     """
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg: got {type(cfg).__name__}; allowed: a TrainConfig")
     cfg.validate()
     check_bool("resume", resume)
+    check_bool("skip_damaged", skip_damaged)
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise ValueError("resume=True needs out_dir, the run folder to continue")
+    if skip_damaged and not resume:
+        raise ValueError("skip_damaged=True applies to a resume only (resume=True)")
     if out is not None and out.exists() and not out.is_dir():
         raise ValueError(f"run folder {out} exists and is not a folder")
     if start is not None and not isinstance(start, Built):
         raise ValueError(f"start: got {type(start).__name__}; allowed: a gradsparse.factory.Built")
+    if resume and start is None:
+        stored = stored_config(out)
+        if stored is not None and stored.surgery:
+            raise ValueError(f"{out} holds a finetuning run (its config.json records surgery); use "
+                             "gradsparse finetune --resume with the arguments it was started with")
     ds = dataset if dataset is not None else load_dataset(cfg.data, seed=cfg.seed, path=cfg.data_path,
                                                           n_train=cfg.n_train, n_test=cfg.n_test)
     info = DataInfo.of(ds)
     keys = RunKeys.of(cfg.seed)
+    dp = DataParallel.auto(cfg.batch_size, enabled=cfg.data_parallel)
+    check_fits(cfg, info, start, devices=dp.n_devices)
     built = start if start is not None else build(cfg, info, keys.model)
     model, trainable = built.model, built.trainable
     optimizer = make_optimizer(cfg)
@@ -125,12 +168,11 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
     header = {"config": cfg.to_dict(), "data_info": info.to_dict()}
     if out is not None:
         header["data_sha256"] = data_sha256(ds)
-    plan = plan_resume(out, cfg, header, model, state) if resume else Resume()
+    plan = plan_resume(out, cfg, header, model, state, skip_damaged=skip_damaged) if resume else Resume()
     if plan.checkpoint is not None:
         model, state = plan.model, plan.state
     first = plan.step
 
-    dp = DataParallel.auto(cfg.batch_size, enabled=cfg.data_parallel)
     model, state = dp.replicate(model), dp.replicate(state)
     xe, ye = dp.put_batch(xe), dp.put_batch(ye)
     if fixed is not None:
@@ -143,11 +185,16 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
 
     # ------------------------------------------------------------ writing starts here
     log = open_run(out, cfg, header, plan) if out is not None else None
+    for (path, why), kept in zip(plan.skipped, plan.kept_as):
+        print(f"gradsparse: resuming from {plan.checkpoint} (step {plan.step}); skipped {path.name}: {why} "
+              f"(kept as {kept.name})", file=sys.stderr)
     history: list[dict[str, Any]] = list(plan.records)
     last_ckpt: Path | None = plan.checkpoint
+    last_step: int | None = plan.step if plan.checkpoint is not None else None
     bar = tqdm(total=cfg.steps, initial=first, disable=not progress, mininterval=0.5, dynamic_ncols=True,
                leave=False, desc="train")
     t0 = time.time() - plan.elapsed_s
+    cur = (first, model, state)  # (updates done, model, state): replaced as ONE object, so ^C sees a consistent triple
 
     def save(step: int, m: Any, st: Any) -> Path | None:
         if out is None:
@@ -155,6 +202,23 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
         log.sync()
         loop = {"step": step, "elapsed_s": round(time.time() - t0, 3), **log.position()}
         return save_checkpoint(checkpoint_path(out, step), m, st, {**header, "step": step, "loop": loop})
+
+    def interrupted() -> TrainingInterrupted:
+        """Save the state after the last completed update (unless it is saved already or none was done)."""
+        done, m, st = cur
+        if out is None:
+            return TrainingInterrupted(done, cfg.steps, None, False, None)
+        if last_step == done:
+            return TrainingInterrupted(done, cfg.steps, last_ckpt, True, out)
+        if done == 0:
+            return TrainingInterrupted(done, cfg.steps, None, False, out, "no update was made yet")
+        try:
+            return TrainingInterrupted(done, cfg.steps, save(done, m, st), True, out)
+        except KeyboardInterrupt:
+            why = "interrupted again while writing it"
+        except OSError as e:
+            why = f"{e.strerror or e}: {e.filename}"
+        return TrainingInterrupted(done, cfg.steps, last_ckpt, False, out, why)
 
     try:
         for s in range(first, cfg.steps):
@@ -171,8 +235,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
                 raise TrainingDiverged(s, where, last_ckpt)
             if do_log:
                 rec = {"step": s, "loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]),
-                       "grad_norm": float(metrics["grad_norm"]), "lr": float(sched(s)), "batch_size": cfg.batch_size,
-                       "time": round(time.time() - t0, 3)}
+                       "grad_norm": float(metrics["grad_norm"]), "lr": float(sched(s)), "batch_size": cfg.batch_size}
+                elapsed = round(time.time() - t0, 3)
                 rec.update(summarize(metrics["layers"], "train"))
                 ev = evaluate(model, xe, ye)
                 rec.update({"heldout/loss": float(ev["loss"]), "heldout/accuracy": float(ev["accuracy"]),
@@ -191,19 +255,33 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
                     rec.update(covariance.log_metrics(acc, new_state[1], cfg.batch_size, s + 1))
                 history.append(rec)
                 if log is not None:
-                    log.write(rec)
+                    log.write(rec, time=elapsed)
                 if on_log is not None:
                     on_log(rec)
                 bar.set_postfix(loss=_fmt(rec["loss"]), density=_fmt(rec["train/density/mean"]), refresh=False)
+            cur = (s + 1, new_model, new_state)
             model, state = new_model, new_state
             bar.update(1)
             if cfg.checkpoint_every and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < cfg.steps:
                 last_ckpt = save(s + 1, model, state)
-        save(cfg.steps, model, state)
+                last_step = s + 1
+        last_ckpt = save(cfg.steps, model, state)
+        last_step = cfg.steps
+    except KeyboardInterrupt:
+        raise interrupted() from None
     finally:
         bar.close()
         if log is not None:
             log.close()
+    try:
+        return _finish(cfg, out, ds, keys, model, state, acc, history, t0)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(cfg.steps, cfg.steps, last_ckpt, out is not None, out) from None
+
+
+def _finish(cfg: TrainConfig, out: Path | None, ds: Dataset, keys: RunKeys, model: Any, state: Any, acc: Any,
+            history: list[dict[str, Any]], t0: float) -> RunResult:
+    """The final evaluation, ``summary.json`` (and ``covariance.npz``) of a completed run."""
     final = final_eval(model, ds, cfg.seq_len, keys.heldout)
     final["train_time_s"] = round(time.time() - t0, 3)
     final["steps"] = cfg.steps

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import gradsparse.data as gdata
 import gradsparse.commands.train as train_cmd
 import gradsparse.train as gtrain
-from gradsparse.checkpoint import list_checkpoints, load_checkpoint
+from gradsparse.checkpoint import header_line, list_checkpoints, load_checkpoint
 from gradsparse.cli import build_parser, main
 from gradsparse.config import TrainConfig
 from gradsparse.data import Dataset, load_dataset
@@ -140,12 +140,13 @@ def test_out_is_a_file(tmp_path, capsys, inputs):
 
 # --------------------------------------------------------------------------- checkpoints
 def _forge_width(ck: Path, dst: Path, width: int) -> Path:
-    """A copy of checkpoint ``ck`` whose header claims another width (leaves unchanged)."""
+    """A copy of checkpoint ``ck`` whose header claims another width (leaves unchanged), with a
+    header_sha256 that matches the forged header (an internally consistent file)."""
     raw = ck.read_bytes()
     cut = raw.index(b"\n")
     header = json.loads(raw[:cut])
     header["config"]["width"] = width
-    dst.write_bytes(json.dumps(header).encode() + raw[cut:])
+    dst.write_bytes(header_line(header) + raw[cut:])
     return dst
 
 
@@ -165,7 +166,7 @@ def test_damaged_or_foreign_checkpoints_exit_2(tmp_path, capsys, run_dir):
     (tmp_path / "other.eqx").write_bytes(b'{"format": "something-else"}\n' + raw[raw.index(b"\n") + 1:])
     cases.append((tmp_path / "other.eqx", "not a gradsparse checkpoint"))
     legacy = json.loads(raw[:raw.index(b"\n")])  # a header without payload fields: leaves checked one by one
-    legacy.pop("payload_bytes"), legacy.pop("payload_sha256")
+    legacy.pop("payload_bytes"), legacy.pop("payload_sha256"), legacy.pop("header_sha256")
     legacy["config"]["depth"] = 3
     (tmp_path / "legacy.eqx").write_bytes(json.dumps(legacy).encode() + b"\n" + raw[raw.index(b"\n") + 1:])
     cases.append((tmp_path / "legacy.eqx", "does not fit"))

@@ -1,7 +1,16 @@
-"""The report of a check run (report.md, report.json, series/) and the README figures drawn from it."""
+"""The report of a check run (report.md, report.json, series/) and the README figures drawn from it.
+
+``meta`` (written into report.json beside ``results``) carries the preset and seeds, and, when
+set by :func:`theory_checks.suite.run_checks`: ``requested`` (the checks asked for in this
+invocation), ``interrupted`` and ``not_run`` (what did not finish), ``replaced`` and ``kept``
+(results of an earlier report in the same folder that this one replaced or kept), and
+``started_of`` (when the run that produced each result started). report.md states all of them
+in its header; a smoke preset is labelled :data:`SMOKE_NOTE` there and in every verdict line.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -10,25 +19,57 @@ from typing import Any, Sequence
 
 from gradsparse.figures_spectra import FORMATS
 from gradsparse.io import atomic_write_json, atomic_write_text, json_ready
+from theory_checks.protocol import CheckResult
 from theory_checks.verdicts import fmt
+
+#: how a smoke-preset report labels itself and every verdict
+SMOKE_NOTE = "smoke: a code-path test, not evidence"
 
 
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _names(v: Any) -> str:
+    return ", ".join(str(x) for x in v) if v else "none"
+
+
 def render_markdown(results: Sequence[Any], meta: dict[str, Any]) -> str:
     """The report.md text for a list of :class:`theory_checks.protocol.CheckResult`."""
     counts = {v: sum(1 for r in results if r.verdict == v) for v in ("PASS", "FAIL", "INCONCLUSIVE")}
     crashed = [r for r in results if r.error]
+    smoke = meta.get("preset") == "smoke" or any(r.preset == "smoke" for r in results)
     lines = [
         "# gradsparse theory checks",
         "",
+    ]
+    if smoke:
+        lines += [f"**{SMOKE_NOTE}**: the smoke preset runs each check for seconds to test that the code runs; "
+                  "its verdicts say nothing about the claims.", ""]
+    lines += [
         f"Preset **{meta['preset']}**, seeds {meta['seeds']}, {len(results)} check(s), wall time "
         f"{meta.get('wall_s', 0):.0f} s, started {meta.get('started', '')}. "
         f"PASS {counts['PASS']}, FAIL {counts['FAIL']}, INCONCLUSIVE {counts['INCONCLUSIVE']}"
         + (f", crashed {len(crashed)}" if crashed else "") + ".",
         "",
+    ]
+    requested = meta.get("requested")
+    not_run = meta.get("not_run") or []
+    done = [n for n in (requested or []) if n not in not_run]
+    if meta.get("interrupted"):
+        lines += [f"**INTERRUPTED**: {len(done)} of {len(requested or [])} requested check(s) finished "
+                  f"({_names(done)}); did not run: {_names(not_run)}.", ""]
+    elif requested is not None and not_run:
+        lines += [f"**INCOMPLETE**: {len(done)} of {len(requested)} requested check(s) finished ({_names(done)}); "
+                  f"not run (yet, or the run was stopped): {_names(not_run)}.", ""]
+    elif requested is not None:
+        lines += [f"Requested in this run: {_names(requested)} (all finished).", ""]
+    if meta.get("replaced") or meta.get("kept"):
+        started_of = meta.get("started_of") or {}
+        kept = [f"{n} (started {started_of.get(n, '?')})" for n in meta.get("kept") or []]
+        lines += [f"Merged into the report that was in this folder: re-run and replaced "
+                  f"{_names(meta.get('replaced'))}; kept from earlier runs {_names(kept)}.", ""]
+    lines += [
         "Verdicts come from the measured numbers by the rule stated in each check (see the details below); a "
         "verdict other than INCONCLUSIVE needs at least 3 seeds.",
         "",
@@ -38,6 +79,8 @@ def render_markdown(results: Sequence[Any], meta: dict[str, Any]) -> str:
     for r in results:
         figs = " ".join(f"[{Path(f).stem}]({f})" for f in r.figures if f.endswith(".png")) or "-"
         verdict = f"**{r.verdict}** ({r.agree}/{r.n} seeds)" if not r.error else "**CRASHED**"
+        if r.preset == "smoke":
+            verdict += f"; {SMOKE_NOTE}"
         lines.append(f"| {r.name} {_cell(r.title)} | {_cell(r.claim)} | {_cell(r.measured)} | {verdict} | {figs} |")
     lines += ["", "## Details", ""]
     for r in results:
@@ -45,7 +88,8 @@ def render_markdown(results: Sequence[Any], meta: dict[str, Any]) -> str:
                   f"- Model: {r.model or 'see the check'}",
                   f"- Prediction: {r.claim}",
                   f"- Rule: {r.rule}",
-                  f"- Verdict: **{r.verdict}**, {r.agree}/{r.n} seeds agree. {r.reason}",
+                  f"- Verdict: **{r.verdict}**, {r.agree}/{r.n} seeds agree. {r.reason}"
+                  + (f" ({SMOKE_NOTE})" if r.preset == "smoke" else ""),
                   f"- Measured: {r.measured}",
                   f"- Seeds: {r.seeds}; preset {r.preset}; {r.elapsed_s:.1f} s"]
         if r.error:
@@ -75,10 +119,39 @@ def render_markdown(results: Sequence[Any], meta: dict[str, Any]) -> str:
 def write_report(out: Path, results: Sequence[Any], meta: dict[str, Any]) -> None:
     """report.md, report.json and series/<slug>.json, each written atomically."""
     atomic_write_text(out / "report.md", render_markdown(results, meta))
-    atomic_write_json(out / "report.json", {**meta, "results": [r.to_dict() for r in results]})
+    extra = {"note": SMOKE_NOTE} if meta.get("preset") == "smoke" else {}
+    atomic_write_json(out / "report.json", {**meta, **extra, "results": [r.to_dict() for r in results]})
     for r in results:
         if r.series:
             atomic_write_json(out / "series" / f"{r.slug}.json", json_ready(r.series), indent=None)
+
+
+def read_report(out: str | os.PathLike) -> tuple[dict[str, Any], list[CheckResult]] | None:
+    """(meta, results) of the report in ``out`` (its report.json), or None when there is none.
+
+    ValueError when report.json is unreadable or not a report (or only report.md is there)."""
+    out = Path(out)
+    path = out / "report.json"
+    if not path.exists():
+        if (out / "report.md").exists():
+            raise ValueError(f"{out} holds report.md but no report.json, so its results cannot be merged")
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path} is not readable JSON ({type(e).__name__}: {e})") from None
+    fields = {f.name for f in dataclasses.fields(CheckResult)}
+    need = fields - {"series", "error"}
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        raise ValueError(f"{path} is not a gradsparse check report (no results list)")
+    results = []
+    for i, d in enumerate(data["results"]):
+        if not isinstance(d, dict) or not need <= set(d):
+            raise ValueError(f"{path}: result {i + 1} is not a check result (missing "
+                             f"{sorted(need - set(d)) if isinstance(d, dict) else 'everything'})")
+        results.append(CheckResult(**{k: v for k, v in d.items() if k in fields and k != "series"}))
+    meta = {k: v for k, v in data.items() if k != "results"}
+    return meta, results
 
 
 #: README figure name -> (check slug whose series it draws, what it shows)

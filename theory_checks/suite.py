@@ -17,7 +17,7 @@ from gradsparse.runfolder import versions
 from gradsparse.runtime import enable_compilation_cache
 from theory_checks.context import Context
 from theory_checks.protocol import Check, CheckResult, Finding, Unavailable
-from theory_checks.report import write_report
+from theory_checks.report import SMOKE_NOTE, write_report
 from theory_checks.verdicts import Verdict, gated
 
 
@@ -104,17 +104,61 @@ def get_checks(names: Sequence[str] | None = None) -> list[Check]:
     return [c for c in checks if c in wanted]
 
 
+class ChecksInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run_checks`: the report was written, marked interrupted, listing the
+    checks that did not run (``not_run``); ``message`` says so in one line."""
+
+    def __init__(self, report: Path, not_run: list[str]):
+        self.report, self.not_run = report, not_run
+        self.message = (f"interrupted; {report} says so and lists the {len(not_run)} check(s) that did not run: "
+                        f"{', '.join(not_run)}")
+        super().__init__(self.message)
+
+
+def _claim_order(name: str) -> int:
+    try:
+        return int(str(name)[1:])
+    except ValueError:
+        return 10**6
+
+
 def run_checks(checks: Sequence[Any], preset: str, out: Path, seeds: list[int], *, progress: bool = True,
-               echo: bool = True) -> tuple[list[Any], bool]:
-    """Run ``checks`` into ``out``; returns (results, any_crashed). Writes the report after each check."""
+               echo: bool = True, previous: Sequence[CheckResult] = (), previous_meta: dict[str, Any] | None = None
+               ) -> tuple[list[Any], bool]:
+    """Run ``checks`` into ``out``; returns (results of this call, any_crashed). Writes the report
+    after each check.
+
+    ``previous``: the results of the report already in ``out`` (same preset and seeds; see
+    :func:`theory_checks.report.read_report`): the report then MERGES them with this call's
+    results — checks not run now are kept, each check run now replaces its earlier result (and
+    the report says which were kept and which replaced). On Ctrl-C the report is written marked
+    interrupted, listing the checks that did not run, and :class:`ChecksInterrupted` is raised.
+    """
     enable_compilation_cache()
     out.mkdir(parents=True, exist_ok=True)
     ctx = Context(preset=preset, seeds=seeds, out_dir=out)
-    meta = {"preset": preset, "seeds": seeds, "started": _dt.datetime.now().isoformat(timespec="seconds"),
-            "versions": versions(), "wall_s": 0.0, "command": " ".join(sys.argv)}
+    started = _dt.datetime.now().isoformat(timespec="seconds")
+    meta: dict[str, Any] = {"preset": preset, "seeds": seeds, "started": started, "versions": versions(),
+                            "wall_s": 0.0, "command": " ".join(sys.argv), "requested": [c.name for c in checks]}
+    earlier = {r.name: r for r in previous}
+    prev_started = dict((previous_meta or {}).get("started_of") or {})
+    started_of = {n: prev_started.get(n, (previous_meta or {}).get("started", "?")) for n in earlier}
     results: list[Any] = []
     crashed = False
     t0 = time.time()
+
+    def report(interrupted: bool = False) -> None:
+        done = {r.name: r for r in results}
+        merged = sorted({**earlier, **done}.values(), key=lambda r: _claim_order(r.name))
+        meta["wall_s"] = round(time.time() - t0, 1)
+        meta["started_of"] = {**started_of, **{n: started for n in done}}
+        if earlier:
+            meta["replaced"] = [n for n in earlier if n in done]
+            meta["kept"] = [n for n in earlier if n not in done]
+        meta["interrupted"] = interrupted
+        meta["not_run"] = [c.name for c in checks if c.name not in done]
+        write_report(out, merged, meta)
+
     bar = tqdm(total=len(checks), disable=not progress, desc=f"check ({preset})", unit="check", dynamic_ncols=True)
     try:
         for check in checks:
@@ -127,13 +171,17 @@ def run_checks(checks: Sequence[Any], preset: str, out: Path, seeds: list[int], 
                 res = crash_result(check, ctx, e, time.time() - t1)
                 atomic_write_text(out / f"{check.slug}.error.txt", res.error or "")
             results.append(res)
-            meta["wall_s"] = round(time.time() - t0, 1)
-            write_report(out, results, meta)
+            report()
             if echo:
                 msg = f"{res.name:4s} {('CRASHED' if res.error else res.verdict):12s} {res.agree}/{res.n}  " \
                       f"{res.elapsed_s:6.1f}s  {res.measured}"
+                if res.preset == "smoke":
+                    msg = f"{msg[:340]}  [{SMOKE_NOTE}]"
                 tqdm.write(msg[:400], file=sys.stderr)
             bar.update(1)
+    except KeyboardInterrupt:
+        report(interrupted=True)
+        raise ChecksInterrupted(out / "report.md", meta["not_run"]) from None
     finally:
         bar.close()
     return results, crashed

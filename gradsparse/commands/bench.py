@@ -26,7 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gradsparse.commands import path_arg
+
 PREFIX = "BENCH "
+#: the longest --timeout per script (one week)
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
 _X_RATIO = re.compile(r"\d(?:\.\d+)?x\b")
 
 
@@ -188,8 +192,8 @@ def to_markdown(rows: list[dict[str, Any]], info: dict[str, str], *, command: st
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", metavar="NAMES", help="comma-separated benchmark names, e.g. monitors,torch "
                    "(bench_<name>.py; default: all)")
-    p.add_argument("--out", type=Path, metavar="FILE.md", help="write the markdown table here (atomically)")
-    p.add_argument("--dir", type=Path,
+    p.add_argument("--out", type=path_arg, metavar="FILE.md", help="write the markdown table here (atomically)")
+    p.add_argument("--dir", type=path_arg,
                    help="folder holding the bench_*.py scripts (default: the checkout's benchmarks/)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and sizes (GRADSPARSE_BENCH_QUICK=1)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per script (default 1800)")
@@ -205,8 +209,9 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(f"{n}\t{p}" for n, p in available.items()) or "(none)")
         return 0
     chosen = select(available, args.only)
-    if not (args.timeout > 0):
-        raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if not (0 < args.timeout <= MAX_TIMEOUT_S):
+        raise ValueError(f"--timeout: must be a finite number of seconds, got {args.timeout}; "
+                         f"allowed: (0, {MAX_TIMEOUT_S:g}]")
     if args.out is not None and args.out.is_dir():
         raise ValueError(f"--out {args.out} is a folder; give a file name such as bench.md")
     env = dict(os.environ)

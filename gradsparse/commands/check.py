@@ -10,7 +10,20 @@ interrupted run keeps what it finished):
 - ``figures/*.png`` (+ .pdf): the checks' figures; ``runs/``: the run folders of every training run;
 - ``<check>.error.txt``: the traceback of a check that crashed (its report line says so).
 
-Exit status: 0 when every check ran (whatever the verdicts), 1 when a check crashed.
+A report already in ``--out`` is never lost. By default the new results are MERGED into it:
+the results of checks not run now are kept, each check run now replaces its earlier result
+(and the run folders under ``runs/`` that it trains again), and both the output and report.md
+say which were kept and which replaced. Merging needs the same
+preset and seeds (a smoke G2 beside a quick G1 would mix evidence with code-path tests): a
+report with another preset or seeds, or one that cannot be read, is refused unless
+``--overwrite`` is given, which starts a new report (the old report's series, error files and
+figures are removed; run folders under ``runs/`` stay).
+
+A smoke report says "smoke: a code-path test, not evidence" in its header and in every verdict.
+Ctrl-C writes the report marked interrupted, listing the checks that did not run (exit 130).
+
+Exit status: 0 when every check ran (whatever the verdicts), 1 when a check crashed, 2 bad
+input, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -20,21 +33,64 @@ import sys
 import time
 from pathlib import Path
 
+from gradsparse.commands import path_arg
+
 DEFAULT_OUT = Path("runs/check")
+#: the most seeds one invocation may ask for
+MAX_SEEDS = 1000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="*", metavar="NAME", help="checks to run (G1 ... G14, or slugs); default: all")
     p.add_argument("--preset", choices=("smoke", "quick", "standard", "full"), default="quick",
                    help="smoke: seconds per check, a code-path test, not evidence; quick (default): the whole "
-                        "suite in under 15 min on 2 CPU cores, 3 seeds; standard: 5 seeds and the full protocols, "
-                        "under 90 min on 2 cores; full: larger models and more steps (meant for a GPU)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"report folder (default {DEFAULT_OUT})")
+                        "suite on 2 CPU cores, 3 seeds; standard: 5 seeds and the full protocols on 2 cores; full: "
+                        "larger models and more steps (meant for a GPU)")
+    p.add_argument("--out", type=path_arg, default=DEFAULT_OUT,
+                   help=f"report folder (default {DEFAULT_OUT}); a report there is merged into (same preset and seeds)")
     p.add_argument("--seeds", type=int, default=None, metavar="N",
-                   help="number of seeds (0..N-1); default 3 (smoke, quick) or 5 (standard, full); verdicts "
-                        "need >= 3")
+                   help=f"number of seeds (0..N-1, N <= {MAX_SEEDS}); default 3 (smoke, quick) or 5 (standard, full); "
+                        "verdicts need >= 3")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the report in --out instead of merging into it")
     p.add_argument("--list", action="store_true", help="list the checks with their claims and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-check lines")
+
+
+def check_seeds(seeds: int | None, flag: str = "--seeds") -> None:
+    """ValueError unless ``seeds`` is None or an int in [1, MAX_SEEDS]."""
+    if seeds is not None and (isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS):
+        raise ValueError(f"{flag}: must be an integer, got {seeds!r}; allowed: [1, {MAX_SEEDS}]")
+
+
+def _previous(out: Path, preset: str, seeds: list[int], overwrite: bool):
+    """(meta, results) of the report in ``out`` to merge into, or (None, []) for a new report."""
+    from theory_checks.report import read_report
+
+    if overwrite:
+        try:
+            old = read_report(out)
+        except ValueError:
+            old = None
+        for r in (old[1] if old else []):  # what the old report made and a new one would not replace
+            for rel in [f"series/{r.slug}.json", f"{r.slug}.error.txt", *r.figures]:
+                p = out / rel
+                if p.is_file() and p.resolve().is_relative_to(out.resolve()):
+                    p.unlink()
+        return None, []
+    try:
+        old = read_report(out)
+    except ValueError as e:
+        raise ValueError(f"--out {out}: {e}; pass --overwrite to replace that report, or choose another "
+                         "folder") from None
+    if old is None:
+        return None, []
+    meta, results = old
+    if meta.get("preset") != preset or meta.get("seeds") != seeds:
+        raise ValueError(f"--out {out} holds a report of preset {meta.get('preset')!r} with seeds {meta.get('seeds')}, "
+                         f"this run is preset {preset!r} with seeds {seeds}; results are merged only at equal preset "
+                         "and seeds: pass --overwrite to replace that report, or choose another folder")
+    return meta, results
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,18 +102,27 @@ def run(args: argparse.Namespace) -> int:
         for c in checks:
             print(f"{c.name:4s} {c.title}: {c.claim}")
         return 0
-    if args.seeds is not None and args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    check_seeds(args.seeds)
     n = args.seeds if args.seeds is not None else (5 if args.preset in ("standard", "full") else 3)
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
+    seeds = list(range(n))
+    prev_meta, previous = _previous(out, args.preset, seeds, args.overwrite)
+    if previous:
+        now = {c.name for c in checks}
+        kept = [r.name for r in previous if r.name not in now]
+        replaced = [r.name for r in previous if r.name in now]
+        print(f"merging into the report in {out}: keeping {', '.join(kept) or 'none'}; "
+              f"re-running and replacing {', '.join(replaced) or 'none'} (--overwrite starts a new report)")
     interactive = sys.stderr.isatty()
     t0 = time.time()
-    results, crashed = run_checks(checks, args.preset, out, list(range(n)), progress=not args.quiet and interactive,
-                                  echo=not args.quiet)
+    results, crashed = run_checks(checks, args.preset, out, seeds, progress=not args.quiet and interactive,
+                                  echo=not args.quiet, previous=previous, previous_meta=prev_meta)
     counts = {v: sum(1 for r in results if r.verdict == v and not r.error) for v in ("PASS", "FAIL", "INCONCLUSIVE")}
+    merged = f" (merged: the report holds {len({r.name for r in [*previous, *results]})} checks)" if previous else ""
+    smoke = " [smoke: a code-path test, not evidence]" if args.preset == "smoke" else ""
     print(f"{len(results)} check(s) in {time.time() - t0:.0f} s: PASS {counts['PASS']}, FAIL {counts['FAIL']}, "
           f"INCONCLUSIVE {counts['INCONCLUSIVE']}" + (f", CRASHED {sum(1 for r in results if r.error)}" if crashed else "")
-          + f"; report {out / 'report.md'}")
+          + f"; report {out / 'report.md'}{merged}{smoke}")
     return 1 if crashed else 0

@@ -2,7 +2,8 @@
 
 With ``--from DIR`` the figures are drawn from a finished ``gradsparse check`` report folder
 (its ``series/*.json``); without it, the checks the figures need (G3, G7, G10, G12) are run first
-in the chosen preset (default quick) into ``--work`` (default ``runs/figures``).
+in the chosen preset (default quick) into ``--work`` (default ``runs/figures``); a report
+already there is merged into as ``gradsparse check`` does (``--overwrite`` replaces it).
 """
 
 from __future__ import annotations
@@ -10,15 +11,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gradsparse.commands import path_arg
+from gradsparse.commands.check import _previous, check_seeds
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("figures"), help="where the figures go (default figures/)")
-    p.add_argument("--from", dest="source", type=Path, default=None,
+    p.add_argument("--out", type=path_arg, default=Path("figures"), help="where the figures go (default figures/)")
+    p.add_argument("--from", dest="source", type=path_arg, default=None,
                    help="a `gradsparse check` report folder to draw from (nothing is trained)")
     p.add_argument("--preset", choices=("smoke", "quick", "standard", "full"), default="quick",
                    help="preset of the checks run when --from is not given (default quick)")
-    p.add_argument("--work", type=Path, default=Path("runs/figures"),
+    p.add_argument("--work", type=path_arg, default=Path("runs/figures"),
                    help="report folder for the checks run when --from is not given (default runs/figures)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a report in --work instead of merging into it")
     p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds of those checks (default 3)")
     p.add_argument("--no-pdf", action="store_true", help="PNG only")
 
@@ -35,10 +41,14 @@ def run(args: argparse.Namespace) -> int:
         if not (source / "series").is_dir():
             raise FileNotFoundError(f"{source} holds no series/ folder; run `gradsparse check --out {source}` first")
     else:
-        if args.seeds < 1:
-            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+        check_seeds(args.seeds)
+        if args.work.exists() and not args.work.is_dir():
+            raise ValueError(f"--work {args.work} exists and is not a folder")
+        seeds = list(range(args.seeds))
+        prev_meta, previous = _previous(args.work, args.preset, seeds, args.overwrite)
         slugs = sorted({slug for slug, _ in README_FIGURES.values()})
-        run_checks(get_checks(slugs), args.preset, args.work, list(range(args.seeds)), progress=False, echo=True)
+        run_checks(get_checks(slugs), args.preset, args.work, seeds, progress=False, echo=True, previous=previous,
+                   previous_meta=prev_meta)
         source = args.work
     formats = ("png",) if args.no_pdf else ("png", "pdf")
     done = readme_figures(source, args.out, formats)

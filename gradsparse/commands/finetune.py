@@ -6,6 +6,11 @@
 ``--modules none`` finetunes without modules (the control run). The finetuned run folder is a
 normal run folder; its checkpoints record the surgery options and the parent checkpoint, so
 ``gradsparse.checkpoint.load_model`` rebuilds them.
+
+``--out`` may not be the parent's run folder or lie inside it (even with ``--overwrite``: the
+parent is what is being read), and a folder that holds (part of) a run is refused unless
+``--resume`` or ``--overwrite`` is given. Every numeric flag is checked against its bounds
+before the checkpoint is read.
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from gradsparse._validate import check_float, check_int
 from gradsparse.checkpoint import load_model, resolve
+from gradsparse.commands import path_arg
 from gradsparse.commands.train import run_summary
-from gradsparse.config import TrainConfig
+from gradsparse.config import INT_BOUNDS, TrainConfig
 from gradsparse import data
 from gradsparse.factory import RunKeys, finetune_start
 from gradsparse.plugins.sparsify import MODULE_NAMES
+from gradsparse.runfolder import refuse_existing_run, run_contents, stored_config
 from gradsparse.step import final_eval
 from gradsparse.train import TrainingDiverged, train
 
@@ -39,11 +47,12 @@ def parse_modules(text: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", type=Path, help="checkpoint file or run folder (its latest checkpoint)")
+    p.add_argument("checkpoint", type=path_arg, help="checkpoint file or run folder (its latest checkpoint)")
     p.add_argument("--modules", required=True,
                    help=f"comma-separated from {','.join(MODULE_NAMES)} (or 'none' for a control run)")
     p.add_argument("--steps", type=int, required=True, help="finetuning steps")
-    p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    p.add_argument("--out", type=path_arg, required=True,
+                   help="run folder to write (not the parent's run folder, nor inside it)")
     p.add_argument("--lr", type=float, help="learning rate (default: the parent run's)")
     p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps (default 0)")
     p.add_argument("--t-up", type=int, help="restricted LN: steps until |gamma| >= 1 (default steps/2)")
@@ -60,23 +69,71 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="allow writing into a folder that holds a run")
     p.add_argument("--resume", action="store_true",
                    help="continue a finetuning run in --out from its last checkpoint (same arguments as the first call)")
+    p.add_argument("--skip-damaged", action="store_true",
+                   help="with --resume: start from the newest intact checkpoint when later ones are damaged")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+_I32 = 2**31 - 1
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Every numeric flag within its bounds (ValueError naming the flag), before anything is read."""
+    check_int("--steps", args.steps, *INT_BOUNDS["steps"])
+    check_int("--warmup", args.warmup, *INT_BOUNDS["warmup"])
+    for name in ("t_up", "t_mix"):
+        if getattr(args, name) is not None:
+            check_int("--" + name.replace("_", "-"), getattr(args, name), 0, _I32)
+    check_int("--lora-rank", args.lora_rank, 1, 2**16)
+    if args.lora_alpha is not None:
+        check_float("--lora-alpha", args.lora_alpha, 0, lo_open=True)
+    check_float("--rho", args.rho, 0)
+    check_float("--zeroth-bias-clip", args.zeroth_bias_clip, 0)
+    if args.lr is not None:
+        check_float("--lr", args.lr, 0, lo_open=True)
+    if args.seed is not None:
+        check_int("--seed", args.seed, *INT_BOUNDS["seed"])
+    if args.log_every is not None:
+        check_int("--log-every", args.log_every, *INT_BOUNDS["log_every"])
+
+
+def source_run(ckpt: Path) -> Path | None:
+    """The run folder a checkpoint file belongs to: RUN for RUN/checkpoints/step_*.eqx, the file's
+    folder when that holds a run, else None (a loose checkpoint file)."""
+    parent = ckpt.resolve().parent
+    if parent.name == "checkpoints":
+        return parent.parent
+    return parent if run_contents(parent) else None
+
+
+def refuse_out_in_source(out: Path, ckpt: Path) -> None:
+    """ValueError when ``out`` is the parent checkpoint's run folder or lies inside it."""
+    src, dst = source_run(ckpt), out.resolve()
+    if src is not None and (dst == src or dst.is_relative_to(src)):
+        where = "is" if dst == src else "lies inside"
+        raise ValueError(f"--out {out} {where} the run folder {src} that holds the checkpoint being finetuned "
+                         f"({ckpt}); choose a folder outside it")
 
 
 def run(args: argparse.Namespace) -> int:
     mods = parse_modules(args.modules)
-    if isinstance(args.steps, bool) or args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    check_flags(args)
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
-    if out.is_dir() and (out / "log.jsonl").exists() and not (args.overwrite or args.resume):
-        raise ValueError(f"--out {out} already holds a run (log.jsonl); pass --resume to continue it, "
-                         f"--overwrite to replace it, or choose another folder")
-
+    if args.skip_damaged and not args.resume:
+        raise ValueError("--skip-damaged applies to --resume only")
     ckpt = resolve(args.checkpoint)
+    refuse_out_in_source(out, ckpt)
+    if not (args.overwrite or args.resume):
+        refuse_existing_run(out)
+    if args.resume:
+        stored = stored_config(out)
+        if stored is not None and not stored.surgery:
+            raise ValueError(f"--resume: {out} holds a run trained from scratch (its config.json records no "
+                             "surgery); continue it with gradsparse train --out ... --resume")
     model, header = load_model(ckpt)
     cfg = TrainConfig.from_dict(header["config"])
     if cfg.surgery:
@@ -100,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     before = final_eval(built.model, ds, ft_cfg.seq_len, RunKeys.of(ft_cfg.seed).heldout)
     try:
         run_res = train(ft_cfg, out, dataset=ds, start=built, progress=not args.quiet and sys.stderr.isatty(),
-                        resume=args.resume)
+                        resume=args.resume, skip_damaged=args.skip_damaged)
     except TrainingDiverged as e:
         print(f"gradsparse finetune: stopped: {e}", file=sys.stderr)
         return 3

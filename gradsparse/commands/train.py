@@ -7,11 +7,16 @@ first field that differs), except ``--steps``, which may extend a run with the c
 the latest checkpoint, the log is cut back to it, and the final parameters and log lines equal
 those of an uninterrupted run. A folder without ``config.json`` (the run was killed before it
 wrote anything) is started from step 0 with the config the flags give, so the same command line
-plus ``--resume`` can simply be repeated until the run completes.
+plus ``--resume`` can simply be repeated until the run completes. A damaged latest checkpoint is
+refused with the name of the newest intact one; ``--resume --skip-damaged`` continues from it.
 
-Exit codes: 0 done; 2 bad input (one line on stderr, nothing written); 3 the loss or a gradient
-became NaN/inf (one line naming the step and the layer; the log ends at the last good logged
-step and the last checkpoint is kept).
+A folder that holds (part of) a run is never replaced without ``--overwrite``. Ctrl-C saves a
+checkpoint at the current step when it can and prints the ``--resume`` command (exit 130).
+
+Exit codes: 0 done; 2 bad input, a path that cannot be written, a config that does not fit in
+memory (one line on stderr); 3 the loss or a gradient became NaN/inf (one line naming the step
+and the layer; the log ends at the last good logged step and the last checkpoint is kept); 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import json
 import sys
 from pathlib import Path
 
+from gradsparse.commands import path_arg
 from gradsparse.config import MODELS, NOISE_KINDS, OPTIMIZERS, SCHEDULES, TrainConfig, check_resumable
 from gradsparse import data
 from gradsparse.data import DATASETS
-from gradsparse.runfolder import stored_config
+from gradsparse.runfolder import refuse_existing_run, stored_config
 from gradsparse.train import TrainingDiverged, train
 
 # CLI flag -> config field, for the plain scalar options
@@ -37,7 +43,7 @@ _FIELDS = ("activation", "width", "mlp_ratio", "depth", "heads", "patch", "seq_l
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    p.add_argument("--config", type=Path, help="JSON file with TrainConfig fields (flags override it)")
+    p.add_argument("--config", type=path_arg, help="JSON file with TrainConfig fields (flags override it)")
     p.add_argument("--model", choices=MODELS, help=f"model (default {d.model})")
     p.add_argument("--data", choices=DATASETS, help=f"dataset (default {d.data}; lm uses text)")
     p.add_argument("--data-path", help="Fashion-MNIST IDX folder or text file for the LM")
@@ -56,12 +62,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         t = types[name]
         conv = float if "float" in str(t) else (str if "str" in str(t) else int)
         p.add_argument("--" + name.replace("_", "-"), type=conv, metavar=name.upper())
-    p.add_argument("--out", type=Path, required=True, help="run folder to write (must not hold a run already)")
+    p.add_argument("--out", type=path_arg, required=True, help="run folder to write (must not hold a run already)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run in --out (its checkpoints, log and summary are removed)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint (config from RUN/config.json; "
                         "only --steps may differ, to extend a constant-schedule run)")
+    p.add_argument("--skip-damaged", action="store_true",
+                   help="with --resume: start from the newest intact checkpoint when later ones are damaged "
+                        "(they are kept as *.damaged; the log is cut back)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -106,6 +115,10 @@ def resume_config(args: argparse.Namespace, out: Path) -> TrainConfig | None:
     if stored is None:
         return None
     path = out / "config.json"
+    if stored.surgery:
+        raise ValueError(f"--resume: {out} holds a finetuning run ({path} records surgery with modules "
+                         f"{stored.surgery.get('modules')}); use gradsparse finetune --resume with the arguments "
+                         "it was started with")
     given = given_fields(args)
     TrainConfig.from_dict({**stored.to_dict(), **given})  # the given values must be valid on their own
     cur = stored.to_dict()
@@ -125,14 +138,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} exists and is not a folder")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it; give one of them")
+    if args.skip_damaged and not args.resume:
+        raise ValueError("--skip-damaged applies to --resume only")
     cfg = (resume_config(args, out) if args.resume else None) or config_from_args(args)
-    holds_run = out.is_dir() and any((out / n).exists() for n in ("config.json", "log.jsonl", "checkpoints"))
-    if holds_run and not (args.overwrite or args.resume):
-        raise ValueError(f"--out {out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-                         "or choose another folder")
+    if not (args.overwrite or args.resume):
+        refuse_existing_run(out)
     ds = data.load_dataset(cfg.data, seed=cfg.seed, path=cfg.data_path, n_train=cfg.n_train, n_test=cfg.n_test)
     try:
-        res = train(cfg, out, dataset=ds, progress=not args.quiet and sys.stderr.isatty(), resume=args.resume)
+        res = train(cfg, out, dataset=ds, progress=not args.quiet and sys.stderr.isatty(), resume=args.resume,
+                    skip_damaged=args.skip_damaged)
     except TrainingDiverged as e:
         print(f"gradsparse train: stopped: {e}", file=sys.stderr)
         return 3
