@@ -892,7 +892,7 @@ def sparsify(model: Any, sites: Sequence[MLPSite], *, activation: Activation | s
     for name, v in (("zeroth_bias", zeroth_bias), ("restricted_ln", restricted_ln), ("from_scratch", from_scratch)):
         if not isinstance(v, bool):
             raise ValueError(f"{name}: must be True or False, got {v!r}")
-    t_mix, t_up = checkcheck_ramp_length("t_mix", t_mix), checkcheck_ramp_length("t_up", t_up)
+    t_mix, t_up = check_ramp_length("t_mix", t_mix), check_ramp_length("t_up", t_up)
     c = check_float("zeroth_bias_clip", zeroth_bias_clip, 0)
     if zeroth_bias_placement not in PLACEMENTS:
         raise ValueError(f"zeroth_bias_placement: unknown value {zeroth_bias_placement!r}; "

@@ -443,7 +443,7 @@ def test_restricted_ln_from_scratch_and_zeroth_bias_output():
         m2(X)
     with pytest.raises(ValueError, match="zeroth_bias_clip: must be a finite number"):
         gsnnx.sparsify(m, sites, zeroth_bias=True, zeroth_bias_clip=-1.0)
-    with pytest.raises(ValueError, match="t_mix: must be an integer >= 0"):
+    with pytest.raises(ValueError, match="t_mix: must be an integer.*allowed: >= 0"):
         gsnnx.mix_projection(sites, 1.5)
 
 

@@ -350,7 +350,7 @@ def test_every_numeric_flag_has_a_bound(tmp_path, capsys, cmd, flag, kind):
     base = {"train": ["train", "--out", str(out), "--quiet"],
             "finetune": ["finetune", str(tmp_path / "none"), "--modules", "jsrelu", "--steps", "2", "--out", str(out)],
             "check": ["check", "--out", str(out), "--quiet"], "figures": ["figures", "--work", str(out)],
-            "bench": ["bench", "--out", str(out / "b.md")]}[cmd]
+            "bench": ["bench", "--out", str(out / "b.md")], "measure": ["measure", str(tmp_path / "none")]}[cmd]
     value = "100000000000000" if kind is int else "inf"
     assert main([*base, flag, value]) == 2
     err = one_line(capsys)

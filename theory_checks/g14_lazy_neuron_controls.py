@@ -33,13 +33,14 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
     ref = base_runs(ctx)
     d_ref = [late_blocks(r.history, "heldout/density") for r in ref]
     parts, per_seed, measured = {}, {"density_baseline": d_ref}, [f"baseline density end {mean_sd(d_ref)}"]
+    numbers: dict[str, float] = {}
     ser = {"baseline": d_ref}
     for arm, kw in arms.items():
         rs = base_runs(ctx, **kw)
         d0 = [float(np.mean(tail(r.history[0]["heldout/density"]))) for r in rs]
         d1 = [late_blocks(r.history, "heldout/density") for r in rs]
-        per_seed[f"density_per_block_end_{arm}"] = [float(v) for v in np.mean(
-            [per_block_end(r.history, "heldout/density") for r in rs], axis=0)]
+        for i, v in enumerate(np.mean([per_block_end(r.history, "heldout/density") for r in rs], axis=0)):
+            numbers[f"{arm}/block{i + 1}_density_end"] = float(v)
         per_seed[f"density_start_{arm}"] = d0
         per_seed[f"density_end_{arm}"] = d1
         ser[arm] = d1
@@ -51,7 +52,7 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
             parts[f"{arm}_sparser"] = effect_verdict([a - b for a, b in zip(d_ref, d1)], MIN_SIZE, source=SIZE_SOURCE,
                                                      what=f"density(baseline) - density({arm}), held-out, blocks 2..L")
             measured.append(f"{arm} ({', '.join(f'{k} {v}' for k, v in kw.items())}): density end {mean_sd(d1)}")
-    return Finding(combine(parts), "; ".join(measured), per_seed=per_seed, parts=parts, series=ser,
+    return Finding(combine(parts), "; ".join(measured), per_seed=per_seed, parts=parts, series=ser, numbers=numbers,
                    model=describe(base_config(ctx.preset)),
                    notes=["density: held-out, blocks 2..L (the deeper arm's blocks 2..4 against the baseline's block 2); "
                           "per-block values in the table"])

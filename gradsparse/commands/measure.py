@@ -19,6 +19,8 @@ import sys
 
 import numpy as np
 
+from gradsparse._validate import check_float, check_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", metavar="HF_FOLDER",
@@ -50,10 +52,11 @@ def run(args: argparse.Namespace) -> int:
     from gradsparse.models.bert import load_bert
     from gradsparse.sentences import load_sentences
 
-    if args.sentences < 2:
-        raise ValueError(f"--sentences: must be >= 2, got {args.sentences}")
-    if args.seed < 0:
-        raise ValueError(f"--seed: must be >= 0, got {args.seed}")
+    check_int("--sentences", args.sentences, 2, 100_000)
+    check_int("--batch-size", args.batch_size, 2, 4096)
+    check_int("--crop-tokens", args.crop_tokens, 1, 4096)
+    check_float("--scale", args.scale, 0, 1e4, lo_open=True)
+    check_int("--seed", args.seed, 0, 2**32 - 1)
     act = get_activation(args.activation) if args.activation is not None else None
     model, tok, info = load_bert(args.folder)
     pool = load_sentences(args.text, min_sentences=2)
