@@ -13,7 +13,11 @@ Sparser: held-out density of blocks 2..L. Two comparisons, both reported:
 (b) at matched training loss (the fixed 512-example subset's loss): the faster arm's density at the
     logged step where its loss first reaches the slower arm's final loss (linear interpolation
     between logs), so "sparser" is not "trained further".
-Flatter: tr(H_K) on the fixed subset (Hutchinson), mean over the last quarter of its estimates.
+Flatter: tr(H_K) on the fixed subset (Hutchinson), mean over the last quarter of its estimates,
+and at matched loss (interpolated between its estimates, every 200 steps) like the density: the
+big-batch arm interpolates its training data by the end (fixed-subset loss ~1e-3 vs ~0.2), and near
+interpolation the cross-entropy Hessian shrinks with the loss, so the equal-steps trace of that arm
+measures how far it fitted as much as its noise.
 Effects are oriented so the prediction is > 0. Gate (on the ref arm): its fixed-subset loss at the
 end is >= 0.05, i.e. it has not interpolated, so SGD noise is still acting.
 """
@@ -38,16 +42,17 @@ TRACE_SOURCE = "a 10% change of tr(H_K), above the Hutchinson standard error (1-
 LOSS_FLOOR = 0.05
 
 
-def _density_at_loss(history: list[dict], target: float) -> float:
-    """Blocks-2..L held-out density at the first logged step where the fixed-subset loss <= target
-    (linear interpolation between the two logs around it); NaN when the loss never gets there."""
-    rows = [h for h in history if "fixed/loss" in h]
+def _at_loss(history: list[dict], target: float, key: str) -> float:
+    """A logged quantity at the first logged step where the fixed-subset loss <= target (linear
+    interpolation between the two logs around it); NaN when the loss never gets there. ``key``:
+    'density' (held-out, blocks 2..L) or a scalar log key such as 'flat/trace_k'."""
+    rows = [h for h in history if "fixed/loss" in h and (key == "density" or key in h)]
+    value = (lambda h: float(np.mean(tail(h["heldout/density"])))) if key == "density" else (lambda h: float(h[key]))
     for prev, cur in zip(rows, rows[1:]):
         if cur["fixed/loss"] <= target:
             l0, l1 = prev["fixed/loss"], cur["fixed/loss"]
-            d0, d1 = np.mean(tail(prev["heldout/density"])), np.mean(tail(cur["heldout/density"]))
             w = 0.0 if l0 == l1 else (l0 - target) / (l0 - l1)
-            return float(d0 + min(max(w, 0.0), 1.0) * (d1 - d0))
+            return float(value(prev) + min(max(w, 0.0), 1.0) * (value(cur) - value(prev)))
     return float("nan")
 
 
@@ -72,14 +77,22 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
                                                     source=DENSITY_SOURCE,
                                                     what="density(bigB) - density(ref), equal steps")
     # (b) matched training loss
-    ref_at_low = [_density_at_loss(r.history, lo) for r, lo in zip(runs["ref"], loss["lowlr"])]
-    big_at_ref = [_density_at_loss(r.history, lo) for r, lo in zip(runs["bigB"], loss["ref"])]
+    ref_at_low = [_at_loss(r.history, lo, "density") for r, lo in zip(runs["ref"], loss["lowlr"])]
+    big_at_ref = [_at_loss(r.history, lo, "density") for r, lo in zip(runs["bigB"], loss["ref"])]
     parts["larger_lr_sparser_at_matched_loss"] = effect_verdict(
         [a - b for a, b in zip(dens["lowlr"], ref_at_low)], MIN_DENSITY, source=DENSITY_SOURCE,
         what="density(lowlr, end) - density(ref at lowlr's final loss)")
     parts["smaller_batch_sparser_at_matched_loss"] = effect_verdict(
         [a - b for a, b in zip(big_at_ref, dens["ref"])], MIN_DENSITY, source=DENSITY_SOURCE,
         what="density(bigB at ref's final loss) - density(ref, end)")
+    tr_ref_at_low = [_at_loss(r.history, lo, "flat/trace_k") for r, lo in zip(runs["ref"], loss["lowlr"])]
+    tr_big_at_ref = [_at_loss(r.history, lo, "flat/trace_k") for r, lo in zip(runs["bigB"], loss["ref"])]
+    parts["larger_lr_flatter_at_matched_loss"] = effect_verdict(
+        logratio(trace["lowlr"], tr_ref_at_low), MIN_LOG_TRACE, source=TRACE_SOURCE,
+        what="ln trace_k(lowlr, end)/trace_k(ref at lowlr's final loss)")
+    parts["smaller_batch_flatter_at_matched_loss"] = effect_verdict(
+        logratio(tr_big_at_ref, trace["ref"]), MIN_LOG_TRACE, source=TRACE_SOURCE,
+        what="ln trace_k(bigB at ref's final loss)/trace_k(ref, end)")
     parts["larger_lr_flatter"] = effect_verdict(logratio(trace["lowlr"], trace["ref"]), MIN_LOG_TRACE,
                                                 source=TRACE_SOURCE, what="ln trace_k(lowlr)/trace_k(ref)")
     parts["smaller_batch_flatter"] = effect_verdict(logratio(trace["bigB"], trace["ref"]), MIN_LOG_TRACE,
@@ -93,12 +106,14 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
     per_seed.update({f"fixed_loss_{a}": v for a, v in loss.items()})
     per_seed.update({f"trace_k_{a}": v for a, v in trace.items()})
     per_seed.update({f"test_acc_{a}": v for a, v in acc.items()})
-    per_seed.update({"density_ref_at_lowlr_loss": ref_at_low, "density_bigB_at_ref_loss": big_at_ref})
+    per_seed.update({"density_ref_at_lowlr_loss": ref_at_low, "density_bigB_at_ref_loss": big_at_ref,
+                     "trace_k_ref_at_lowlr_loss": tr_ref_at_low, "trace_k_bigB_at_ref_loss": tr_big_at_ref})
     cfgs = {a: sgd_config(ctx.preset, **kw) for a, kw in arms.items()}
     measured = "; ".join(f"{a} (lr {fmt(cfgs[a].lr)}, B {cfgs[a].batch_size}): density 2..L {mean_sd(dens[a])}, "
                          f"loss {mean_sd(loss[a])}, trace_k {mean_sd(trace[a])}" for a in arms)
-    measured += (f"; matched loss: ref at lowlr's loss {mean_sd(ref_at_low)}, bigB at ref's loss "
-                 f"{mean_sd(big_at_ref)}")
+    measured += (f"; matched loss: density of ref at lowlr's loss {mean_sd(ref_at_low)}, of bigB at ref's loss "
+                 f"{mean_sd(big_at_ref)}; trace_k of ref at lowlr's loss {mean_sd(tr_ref_at_low)}, of bigB at ref's "
+                 f"loss {mean_sd(tr_big_at_ref)}")
     ser = {"arms": {a: {"lr": cfgs[a].lr, "batch_size": cfgs[a].batch_size, "density": dens[a],
                         "trace_k": trace[a], "test_accuracy": acc[a]} for a in arms}}
     notes = [f"noise scale lr/B: " + ", ".join(f"{a} {fmt(c.lr / c.batch_size)}" for a, c in cfgs.items())]
