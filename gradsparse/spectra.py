@@ -82,7 +82,8 @@ import numpy as np
 import scipy.linalg
 from tqdm.auto import tqdm
 
-from gradsparse import checkpoint, rmt, weights
+from gradsparse import __version__, checkpoint, rmt, weights
+
 
 try:  # optional: without it BLAS keeps its own thread count (see _blas_threads)
     from threadpoolctl import ThreadpoolController
@@ -587,8 +588,6 @@ def table_metadata(
 ) -> dict[str, Any]:
     """JSON-ready description of a table: units, column meanings, spike methods, the weight reader's
     conventions and skipped tensors (from ``wset``), and the settings used."""
-    from gradsparse import __version__
-
     if wset is not None and not isinstance(wset, weights.WeightSet):
         raise ValueError(f"wset: must be a weights.WeightSet or None, got {type(wset).__name__}")
     meta: dict[str, Any] = {

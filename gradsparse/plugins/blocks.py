@@ -35,6 +35,8 @@ from typing import Any, Callable, Iterable
 import jax
 
 from gradsparse.activations import Activation
+from gradsparse.models import Dense
+
 
 Select = Callable[[Any], list]
 #: a post-update step ``project(model, step) -> model`` (clipping, gamma bounds, schedules), applied
@@ -101,8 +103,6 @@ def selected_blocks(model: Any, select: Select, modules: Iterable[str]) -> list:
 
 
 def _check_dense(i: int, name: str, dense: Any) -> None:
-    from gradsparse.models import Dense
-
     if not isinstance(dense, Dense):
         raise ValueError(f"block {i}: {name} is a {type(dense).__name__}; plug-ins need a gradsparse.models.Dense "
                          "(weight (out, in), bias, lora_a, lora_b, lora_scale)")

@@ -8,6 +8,7 @@ W and everything else is frozen (see :func:`lora_trainable`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -42,8 +43,6 @@ def add_lora_to_dense(dense: Any, rank: int, alpha: float, key: Array) -> Any:
     lim = 1.0 / math.sqrt(d_in)
     a = jax.random.uniform(key, (rank, d_in), jnp.float32, -lim, lim)
     b = jnp.zeros((d_out, rank), jnp.float32)
-    import dataclasses
-
     return dataclasses.replace(dense, lora_a=a, lora_b=b, lora_scale=alpha / rank)
 
 

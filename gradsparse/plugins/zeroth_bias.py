@@ -15,6 +15,7 @@ Because b0 starts at 0 the model is exactly unchanged at insertion.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import equinox as eqx
@@ -67,8 +68,6 @@ def add_zeroth_bias(model: Any, *, seq_len: int | None = None, placement: str = 
 
 
 def _with_placement(i: int, blk: Any, placement: str) -> Any:
-    import dataclasses
-
     try:
         return dataclasses.replace(blk, zeroth_bias_placement=placement)
     except (TypeError, ValueError) as e:
