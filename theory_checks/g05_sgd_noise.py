@@ -116,7 +116,7 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
                  f"loss {mean_sd(tr_big_at_ref)}")
     ser = {"arms": {a: {"lr": cfgs[a].lr, "batch_size": cfgs[a].batch_size, "density": dens[a],
                         "trace_k": trace[a], "test_accuracy": acc[a]} for a in arms}}
-    notes = [f"noise scale lr/B: " + ", ".join(f"{a} {fmt(c.lr / c.batch_size)}" for a, c in cfgs.items())]
+    notes = ["noise scale lr/B: " + ", ".join(f"{a} {fmt(c.lr / c.batch_size)}" for a, c in cfgs.items())]
     if "gd" not in arms:
         notes.append("full-batch GD runs in the full preset only (a GD step over 4000 examples costs ~125 B-32 steps)")
     return Finding(combine(parts), measured, per_seed=per_seed, parts=parts, series=ser, gates=gates,

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 
 from gradsparse.figures import plot_bars
 from gradsparse.figures_spectra import FORMATS
 from theory_checks.context import LM, Context, describe, end_value, lm_config, lm_runs, window_mean
 from theory_checks.protocol import Check, Finding
-from theory_checks.verdicts import Gate, bound_verdict, combine, effect_verdict, fmt, mean_sd
+from theory_checks.verdicts import Gate, bound_verdict, combine, effect_verdict, mean_sd
 
 MIN_LOWER = 0.01
 SOURCE = ("one point of density: about 2x the seed-to-seed spread of the Transformer density in the quick logs "
