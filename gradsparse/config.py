@@ -188,6 +188,8 @@ class TrainConfig:
         """Build and validate from a mapping; unknown keys are an error (with the allowed ones)."""
         if not isinstance(d, dict):
             raise ValueError(f"config must be a mapping, got {type(d).__name__}")
+        if d.get("extra", None) == {}:  # configs written before 'extra' was removed (it was always empty)
+            d = {k: v for k, v in d.items() if k != "extra"}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted((k for k in d if k not in names), key=repr)
         if unknown:

@@ -157,7 +157,10 @@ def skeleton_from_header(header: dict[str, Any]) -> tuple[Any, Any]:
     if not isinstance(header, dict):
         raise ValueError(f"checkpoint header must be a mapping, got {type(header).__name__}")
     try:
-        cfg = TrainConfig.from_dict(header["config"])
+        cfg_d = header["config"]
+        if isinstance(cfg_d, dict) and header.get("surgery") and not cfg_d.get("surgery"):
+            cfg_d = {**cfg_d, "surgery": header["surgery"]}  # finetuned checkpoints written before config.surgery
+        cfg = TrainConfig.from_dict(cfg_d)
         info = DataInfo.from_dict(header["data_info"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"checkpoint header is incomplete or invalid ({type(e).__name__}: {e})") from None

@@ -183,3 +183,19 @@ def test_fixed_subset_monitors_and_flatness(mnist):
     assert np.isfinite(rec["flat/trace_k"])
     with pytest.raises(ValueError, match="flatness_subset"):
         train(cfg.replace(flatness_subset=10**6), None, dataset=mnist, progress=False)
+
+
+def test_configs_and_headers_of_earlier_versions_still_read():
+    """Run folders written before TrainConfig.extra was removed (always {}) and finetuned checkpoints
+    whose surgery stood in the header still rebuild; a non-empty 'extra' is still an unknown key."""
+    from gradsparse.factory import skeleton_from_header
+    from gradsparse.plugins import sparsify
+
+    d = TrainConfig(**TINY).to_dict()
+    assert TrainConfig.from_dict({**d, "extra": {}}) == TrainConfig(**TINY)
+    with pytest.raises(ValueError, match="unknown config keys"):
+        TrainConfig.from_dict({**d, "extra": {"a": 1}})
+    info = {"kind": "vector", "input_shape": [40], "num_classes": 10}
+    res = sparsify(bare_model(TrainConfig(**TINY), DataInfo.from_dict(info), jax.random.key(0)), jsrelu=True)
+    model, _ = skeleton_from_header({"config": {**d, "extra": {}}, "data_info": info, "surgery": res.options})
+    assert type(model.blocks[0].act).__name__ == "Mixed"
