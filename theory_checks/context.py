@@ -138,13 +138,13 @@ class Context:
 BASE: dict[str, dict[str, Any]] = {
     "smoke": dict(model="mlp", data="mnist1d", width=16, depth=1, mlp_ratio=4, optimizer="adam", lr=3e-3,
                   batch_size=64, steps=120, log_every=10, eval_batch=128, flatness_every=20, flatness_probes=2,
-                  checkpoint_every=40),
+                  checkpoint_every=0),
     "quick": dict(model="mlp", data="mnist1d", width=64, depth=2, mlp_ratio=4, optimizer="adam", lr=3e-3,
                   batch_size=64, steps=1000, log_every=25, eval_batch=256, flatness_every=100, flatness_probes=8,
-                  checkpoint_every=100),
+                  checkpoint_every=0),
     "full": dict(model="mlp", data="mnist1d", width=128, depth=4, mlp_ratio=4, optimizer="adam", lr=3e-3,
                  batch_size=64, steps=6000, log_every=50, eval_batch=512, flatness_every=250, flatness_probes=16,
-                 checkpoint_every=500),
+                 checkpoint_every=0),
 }
 BASE["standard"] = dict(BASE["quick"])
 
@@ -170,23 +170,32 @@ SGD["standard"] = dict(SGD["quick"])
 SGD_MODEL = "residual LN-MLP (ReLU) on mnist1d, plain SGD (constant lr, no weight decay)"
 
 
-def base_config(preset: str, **changes: Any):
-    """The :data:`BASE` TrainConfig of ``preset`` with ``changes`` applied (validated)."""
-    if preset not in BASE:
+def _preset_config(table: dict[str, dict[str, Any]], preset: str, changes: dict[str, Any]) -> TrainConfig:
+    """``table[preset]`` with ``changes`` applied, as a validated TrainConfig."""
+    if preset not in table:
         raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
-    return TrainConfig.from_dict({**BASE[preset], **changes})
+    return TrainConfig.from_dict({**table[preset], **changes})
+
+
+def _tag(name: str, changes: dict[str, Any]) -> str:
+    """The run-cache tag of a baseline variant: 'name' or 'name-k1v1-k2v2' (keys sorted)."""
+    return name if not changes else name + "-" + "-".join(f"{k}{v}" for k, v in sorted(changes.items()))
+
+
+def base_config(preset: str, **changes: Any) -> TrainConfig:
+    """The :data:`BASE` TrainConfig of ``preset`` with ``changes`` applied (validated)."""
+    return _preset_config(BASE, preset, changes)
 
 
 def base_runs(ctx: Context, *, flatness: bool = False, **changes: Any) -> list[Any]:
     """The shared baseline (with ``changes``), one run per seed.
 
     Variants (non-empty ``changes``) skip the Hutchinson estimates unless ``flatness`` is set
-    (compiling them is the most expensive part of a short run: ~8 s CPU of ~16 s) and keep only the
-    final checkpoint (the intermediate ones serve G9's replay of the baseline).
+    (compiling them is the most expensive part of a short run: ~8 s CPU of ~16 s).
     """
-    tag = "base" if not changes else "base-" + "-".join(f"{k}{v}" for k, v in sorted(changes.items()))
-    if changes:
-        changes = {"checkpoint_every": 0, **({} if flatness else {"flatness_every": 0}), **changes}
+    tag = _tag("base", changes)
+    if changes and not flatness:
+        changes = {"flatness_every": 0, **changes}
     return ctx.seed_runs(base_config(ctx.preset, **changes), tag)
 
 
@@ -211,28 +220,22 @@ LM["standard"] = dict(LM["quick"])
 
 def lm_config(preset: str, **changes: Any) -> TrainConfig:
     """The :data:`LM` TrainConfig of ``preset`` with ``changes`` applied (validated)."""
-    if preset not in LM:
-        raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
-    return TrainConfig.from_dict({**LM[preset], **changes})
+    return _preset_config(LM, preset, changes)
 
 
 def lm_runs(ctx: Context, **changes: Any) -> list[Any]:
     """The pinned byte LM (with ``changes``), one run per seed (cached: G10-G12 share the vanilla runs)."""
-    tag = "lm" if not changes else "lm-" + "-".join(f"{k}{v}" for k, v in sorted(changes.items()))
-    return ctx.seed_runs(lm_config(ctx.preset, **changes), tag)
+    return ctx.seed_runs(lm_config(ctx.preset, **changes), _tag("lm", changes))
 
 
 def sgd_config(preset: str, **changes: Any) -> TrainConfig:
     """The :data:`SGD` TrainConfig of ``preset`` with ``changes`` applied (validated)."""
-    if preset not in SGD:
-        raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
-    return TrainConfig.from_dict({**SGD[preset], **changes})
+    return _preset_config(SGD, preset, changes)
 
 
 def sgd_runs(ctx: Context, **changes: Any) -> list[Any]:
     """The plain-SGD baseline (with ``changes``), one run per seed (cached: checks share it)."""
-    tag = "sgd" if not changes else "sgd-" + "-".join(f"{k}{v}" for k, v in sorted(changes.items()))
-    return ctx.seed_runs(sgd_config(ctx.preset, **changes), tag)
+    return ctx.seed_runs(sgd_config(ctx.preset, **changes), _tag("sgd", changes))
 
 
 def describe(cfg: TrainConfig) -> str:
