@@ -28,6 +28,7 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "seq_len": (1, 2**16), "steps": (1, _I32), "batch_size": (1, 2**24), "log_every": (1, _I32),
     "eval_batch": (1, 2**20), "flatness_probes": (1, 4096), "warmup": (0, _I32), "checkpoint_every": (0, _I32),
     "flatness_every": (0, _I32), "flatness_subset": (0, 2**20), "seed": (0, 2**32 - 1), "n_train": (1, 2**26), "n_test": (1, 2**26),
+    "fuse_steps": (1, 4096),
 }
 
 
@@ -50,6 +51,14 @@ class TrainConfig:
     ``track_covariance`` (SPEC 3.3 accumulations).
     Placement: ``data_parallel`` shards each batch over all visible devices when the batch size
     divides evenly (``gradsparse.parallel.DataParallel.auto``); False keeps one device.
+    ``fuse_steps`` k: on one device, the plain (unlogged) steps between two log points or
+    checkpoints run k at a time in one ``lax.scan`` (:func:`gradsparse.step.make_train_chunk`;
+    1 = one jitted call per step). For the MLPs the parameters are bit-equal to single steps; in
+    the Transformers XLA compiles the scanned step with ulp-level differences (Adam then carries
+    them), so k is part of what a run is. Configs written before this field read as the default.
+    Default 16, measured on 2 CPU cores (4-block residual LN-MLP, batch 64, per step over single
+    jitted steps): 2.0-2.6x faster at width 64, 1.6-1.8x at 128, 1.1x at 512; byte LM width 32 x 2
+    at seq 32: 1.5x (8 to 64 steps per chunk gave the same within noise).
     Finetuning: ``surgery`` holds the options of :func:`gradsparse.plugins.sparsify` that were
     applied to the parent model (None for a run from scratch); ``parent`` names the parent
     checkpoint (provenance only).
@@ -95,6 +104,7 @@ class TrainConfig:
     zeroth_bias_clip: float = 0.1
     restricted_ln: bool = False
     data_parallel: bool = True
+    fuse_steps: int = 16
     surgery: dict[str, Any] | None = None
     parent: str | None = None
 

@@ -27,6 +27,7 @@ import struct
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -331,6 +332,20 @@ class Batcher:
         idx = self._perm[pos * self.bs:(pos + 1) * self.bs]
         return self.ds.x_train[idx], self.ds.y_train[idx]
 
+    def chunk(self, start: int, n: int) -> tuple[Any, Any]:
+        """The batches of steps ``start .. start+n-1`` stacked on a new leading axis: (n, B, ...).
+
+        The same examples as ``n`` calls of ``batcher(step)``; for text the windows stay on the
+        device (no host round trip per step), otherwise one host array."""
+        if n < 1:
+            raise ValueError(f"n: must be >= 1, got {n}")
+        if self.ds.kind == "text":
+            w = jnp.stack([text_windows(self.key, self._text_dev, self.bs, self.seq_len, s)
+                           for s in range(start, start + n)])
+            return w[:, :, :-1], w[:, :, 1:]
+        pairs = [self(s) for s in range(start, start + n)]
+        return np.stack([x for x, _ in pairs]), np.stack([y for _, y in pairs])
+
 
 #: tag folded into the data key for label noise, so runs without it keep their keys
 LABEL_NOISE_TAG = 0x1ABE1
@@ -341,10 +356,17 @@ def noisy_labels(y: np.ndarray, key: jax.Array, p: float, num_classes: int) -> n
     drawn uniformly from the ``num_classes`` classes (it may draw the true label). Pure in ``key``."""
     if p <= 0:
         return y
+    return np.asarray(noisy_labels_device(jnp.asarray(y), key, p, num_classes), dtype=np.asarray(y).dtype)
+
+
+def noisy_labels_device(y: jax.Array, key: jax.Array, p: float, num_classes: int) -> jax.Array:
+    """:func:`noisy_labels` without leaving the device (the same labels, as a jax array)."""
+    if p <= 0:
+        return y
     k1, k2 = jax.random.split(key)
-    flip = np.asarray(jax.random.bernoulli(k1, p, np.shape(y)))
-    new = np.asarray(jax.random.randint(k2, np.shape(y), 0, num_classes), dtype=np.asarray(y).dtype)
-    return np.where(flip, new, y)
+    flip = jax.random.bernoulli(k1, p, y.shape)
+    new = jax.random.randint(k2, y.shape, 0, num_classes).astype(y.dtype)
+    return jnp.where(flip, new, y)
 
 
 def heldout_batch(ds: Dataset, n: int, seq_len: int, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,10 @@
   forward/backward, optax update, post-update projections, the SPEC 2 monitors (on logged steps)
   and the covariance accumulators (when tracked), all in ONE jit region. The step always
   receives a PRNG key; a model uses it only where it holds noise modules.
+- :func:`make_train_chunk`: ``chunk(model, state, xs, ys, noise_key, first_step) -> (model,
+  state, bad_step)``: ``n = xs.shape[0]`` plain (unmonitored) steps in one ``lax.scan``, each the
+  very step :func:`make_train_step` jits (bit-equal parameters, tested), with no host sync
+  between them; ``bad_step`` is the first step whose loss or gradient was not finite (-1 if none).
 - :func:`make_eval_fn`, :func:`flatness_fn`, :func:`final_eval`, :func:`locate_nonfinite`.
 """
 
@@ -91,6 +95,43 @@ def make_train_step(optimizer: optax.GradientTransformation, trainable: Any, pro
         return new_model, (new_opt, new_acc), metrics, finite
 
     return step
+
+
+def make_train_chunk(optimizer: optax.GradientTransformation, trainable: Any, projections: Sequence[Projection] = (),
+                     *, accumulator: Accumulator | None = None) -> Callable:
+    """Jitted ``chunk(model, state, xs, ys, noise_key, first_step) -> (model, state, bad_step)``.
+
+    Runs ``n = xs.shape[0]`` plain steps (``monitors=False``) in one ``lax.scan``: step
+    ``s = first_step + i`` trains on ``(xs[i], ys[i])`` (xs: (n, B, ...), ys: (n, B, ...)) with the
+    noise key ``fold_in(noise_key, s)`` and projection step ``s``, exactly as ``n`` calls of
+    :func:`make_train_step`'s step would (the scan body IS that step, so the parameters are
+    bit-equal to single steps: ``tests/test_fused.py``). Nothing is synchronised with the host
+    inside the chunk; ``bad_step`` (int32) is the first ``s`` whose loss or gradient norm was not
+    finite, or -1. Past a bad step the carried model is not meaningful: the caller replays the
+    chunk with single steps from its start (:func:`locate_nonfinite`) and discards it.
+    """
+    single = make_train_step(optimizer, trainable, projections, monitors=False, accumulator=accumulator)
+
+    @eqx.filter_jit
+    def chunk(model, state, xs, ys, noise_key, first_step):
+        if xs.shape[0] != ys.shape[0] or xs.shape[0] < 1:
+            raise ValueError(f"chunk: xs {tuple(xs.shape)} and ys {tuple(ys.shape)} must share a leading axis n >= 1")
+        dyn, static = eqx.partition(model, eqx.is_array)
+        first = jnp.asarray(first_step, jnp.int32)
+
+        def body(carry, inp):
+            d, st, bad = carry
+            x, y, i = inp
+            s = first + i
+            new_model, new_st, _, finite = single(eqx.combine(d, static), st, x, y, jax.random.fold_in(noise_key, s), s)
+            bad = jnp.where((bad < 0) & ~finite, s, bad)
+            return (eqx.filter(new_model, eqx.is_array), new_st, bad), None
+
+        steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
+        (dyn, state, bad), _ = jax.lax.scan(body, (dyn, state, jnp.asarray(-1, jnp.int32)), (xs, ys, steps))
+        return eqx.combine(dyn, static), state, bad
+
+    return chunk
 
 
 def make_eval_fn(trainable: Any) -> Callable:

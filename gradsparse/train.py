@@ -29,14 +29,14 @@ from gradsparse._validate import check_bool
 from gradsparse.checkpoint import checkpoint_path, save_checkpoint
 from gradsparse.config import TrainConfig
 from gradsparse.data import (LABEL_NOISE_TAG, Batcher, DataInfo, Dataset, data_sha256, heldout_batch, load_dataset,
-                             noisy_labels)
+                             noisy_labels, noisy_labels_device)
 from gradsparse.factory import Built, RunKeys, build, init_state, make_accumulator, make_optimizer, make_schedule
 from gradsparse.io import atomic_write_json
 from gradsparse.memory import check_fits
 from gradsparse.monitors import summarize
 from gradsparse.parallel import DataParallel
 from gradsparse.runfolder import Resume, logged, open_run, plan_resume, stored_config
-from gradsparse.step import final_eval, flatness_fn, locate_nonfinite, make_eval_fn, make_train_step
+from gradsparse.step import final_eval, flatness_fn, locate_nonfinite, make_eval_fn, make_train_chunk, make_train_step
 
 
 class TrainingDiverged(RuntimeError):
@@ -179,6 +179,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
         fixed = tuple(jnp.asarray(a) for a in fixed)
     step_plain = make_train_step(optimizer, trainable, built.projections, monitors=False, accumulator=acc)
     step_mon = make_train_step(optimizer, trainable, built.projections, monitors=True, accumulator=acc)
+    fuse = cfg.fuse_steps if dp.n_devices == 1 else 1
+    step_chunk = make_train_chunk(optimizer, trainable, built.projections, accumulator=acc) if fuse > 1 else None
     evaluate = make_eval_fn(trainable)
     flat = flatness_fn(trainable, cfg.flatness_probes) if cfg.flatness_every else None
     sched = make_schedule(cfg)
@@ -208,6 +210,9 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
         done, m, st = cur
         if out is None:
             return TrainingInterrupted(done, cfg.steps, None, False, None)
+        bad = first_bad() if pending else None
+        if bad is not None:
+            return TrainingInterrupted(done, cfg.steps, last_ckpt, False, out, f"the loss was not finite at step {bad}")
         if last_step == done:
             return TrainingInterrupted(done, cfg.steps, last_ckpt, True, out)
         if done == 0:
@@ -220,20 +225,73 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
             why = f"{e.strerror or e}: {e.filename}"
         return TrainingInterrupted(done, cfg.steps, last_ckpt, False, out, why)
 
+    def batch(t: int) -> tuple[Any, Any]:
+        x, y = batcher(t)
+        if cfg.label_noise:
+            y = noisy_labels(y, jax.random.fold_in(label_key, t), cfg.label_noise, ds.num_classes)
+        return dp.put_batch(x), dp.put_batch(y)
+
+    def chunk_batch(t: int, n: int) -> tuple[Any, Any]:
+        xs, ys = batcher.chunk(t, n)
+        ys = jnp.asarray(ys)
+        if cfg.label_noise:
+            ys = jnp.stack([noisy_labels_device(ys[i], jax.random.fold_in(label_key, t + i), cfg.label_noise,
+                                                ds.num_classes) for i in range(n)])
+        return jnp.asarray(xs), ys
+
+    def plain(m: Any, st: Any, t: int) -> tuple[Any, Any, Any]:
+        x, y = batch(t)
+        new_m, new_st, _, finite = step_plain(m, st, x, y, jax.random.fold_in(keys.noise, t), jnp.asarray(t, jnp.int32))
+        return new_m, new_st, finite
+
+    def first_bad() -> int | None:
+        """The first unchecked step whose loss or gradient was not finite (one host sync)."""
+        for t, n, flag in pending:
+            if n:  # a fused chunk: flag is its bad step (-1: all finite)
+                b = int(flag)
+                if b >= 0:
+                    return b
+            elif not bool(flag):
+                return t
+        return None
+
+    def settle() -> None:
+        """Check the plain steps run since the last check; on a non-finite one, replay them
+        one by one from the last checked state to name the step and the block, then raise."""
+        nonlocal seg
+        bad = first_bad() if pending else None
+        if bad is None:
+            pending.clear()
+            seg = cur
+            return
+        t, m, st = seg
+        for u in range(t, bad):
+            m, st, _ = plain(m, st, u)
+        x, y = batch(bad)
+        raise TrainingDiverged(bad, locate_nonfinite(m, trainable, jnp.asarray(x), jnp.asarray(y),
+                                                     jax.random.fold_in(keys.noise, bad)), last_ckpt)
+
+    def boundary(t: int) -> int:
+        """Where the plain steps from ``t`` (not a logged step) must stop fusing, on the absolute
+        step grid: the next logged step, or the next checkpoint (after that many updates)."""
+        nxt = min((t // cfg.log_every + 1) * cfg.log_every, cfg.steps - 1)
+        if cfg.checkpoint_every:
+            nxt = min(nxt, (t // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
+        return nxt
+
+    pending: list[tuple[int, int, Any]] = []  # (step, chunk length or 0 for one step, finite flag / bad step)
+    seg = cur  # the last state whose steps are all checked finite
     try:
-        for s in range(first, cfg.steps):
-            x, y = batcher(s)
-            if cfg.label_noise:
-                y = noisy_labels(y, jax.random.fold_in(label_key, s), cfg.label_noise, ds.num_classes)
-            x, y = dp.put_batch(x), dp.put_batch(y)
-            key = jax.random.fold_in(keys.noise, s)
-            do_log = logged(s, cfg)
-            fn = step_mon if do_log else step_plain
-            new_model, new_state, metrics, finite = fn(model, state, x, y, key, jnp.asarray(s, jnp.int32))
-            if not bool(finite):
-                where = locate_nonfinite(model, trainable, jnp.asarray(x), jnp.asarray(y), key)
-                raise TrainingDiverged(s, where, last_ckpt)
-            if do_log:
+        s = first
+        while s < cfg.steps:
+            if logged(s, cfg):
+                settle()
+                x, y = batch(s)
+                key = jax.random.fold_in(keys.noise, s)
+                new_model, new_state, metrics, finite = step_mon(model, state, x, y, key, jnp.asarray(s, jnp.int32))
+                if not bool(finite):
+                    where = locate_nonfinite(model, trainable, jnp.asarray(x), jnp.asarray(y), key)
+                    raise TrainingDiverged(s, where, last_ckpt)
                 rec = {"step": s, "loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]),
                        "grad_norm": float(metrics["grad_norm"]), "lr": float(sched(s)), "batch_size": cfg.batch_size}
                 elapsed = round(time.time() - t0, 3)
@@ -259,12 +317,29 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
                 if on_log is not None:
                     on_log(rec)
                 bar.set_postfix(loss=_fmt(rec["loss"]), density=_fmt(rec["train/density/mean"]), refresh=False)
-            cur = (s + 1, new_model, new_state)
-            model, state = new_model, new_state
-            bar.update(1)
-            if cfg.checkpoint_every and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < cfg.steps:
-                last_ckpt = save(s + 1, model, state)
-                last_step = s + 1
+                done = 1
+                cur = seg = (s + 1, new_model, new_state)
+            else:  # plain steps up to the next boundary: fused chunks of `fuse` steps, then single steps
+                n = boundary(s) - s
+                if fuse > 1 and n >= fuse:
+                    n = fuse
+                    xs, ys = chunk_batch(s, n)
+                    new_model, new_state, bad = step_chunk(model, state, xs, ys, keys.noise, jnp.asarray(s, jnp.int32))
+                    pending.append((s, n, bad))
+                else:
+                    n = 1
+                    new_model, new_state, finite = plain(model, state, s)
+                    pending.append((s, 0, finite))
+                done = n
+                cur = (s + n, new_model, new_state)
+            s += done
+            model, state = cur[1], cur[2]
+            bar.update(done)
+            if cfg.checkpoint_every and s % cfg.checkpoint_every == 0 and s < cfg.steps:
+                settle()
+                last_ckpt = save(s, model, state)
+                last_step = s
+        settle()
         last_ckpt = save(cfg.steps, model, state)
         last_step = cfg.steps
     except KeyboardInterrupt:

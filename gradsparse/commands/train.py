@@ -38,7 +38,7 @@ from gradsparse.train import TrainingDiverged, train
 _FIELDS = ("activation", "width", "mlp_ratio", "depth", "heads", "patch", "seq_len", "steps", "batch_size", "lr",
            "momentum", "weight_decay", "warmup", "grad_clip", "seed", "n_train", "n_test", "log_every", "eval_batch",
            "checkpoint_every", "flatness_every", "flatness_probes", "flatness_subset", "label_noise", "rho",
-           "zeroth_bias_clip")
+           "zeroth_bias_clip", "fuse_steps")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
