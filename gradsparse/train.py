@@ -6,6 +6,13 @@ logged every ``log_every`` steps (one JSON object per line in ``RUN/log.jsonl``,
 :mod:`gradsparse.runfolder`) -> checkpoints (``RUN/checkpoints``). Nothing reads back into
 training except the plug-ins' post-update projections, which the step applies after the update.
 
+Between two logged steps (or checkpoints) the plain steps run ``cfg.fuse_steps`` at a time in one
+``lax.scan`` (:func:`gradsparse.step.make_train_chunk`), the rest one jitted call each; chunk
+boundaries lie on the absolute step grid, so a resumed run cuts the same chunks. Nothing waits for
+the device between log points: the finiteness flags of the plain steps are read at the next log
+point or checkpoint, and a non-finite one is replayed step by step from the last checked state to
+name the step and the block (:class:`TrainingDiverged`, as before fusion).
+
 Everything random is a pure function of the seed (:class:`gradsparse.factory.RunKeys`): the data
 order of step s comes from ``fold_in(data_key, epoch)``, the noise of step s from
 ``fold_in(noise_key, s)``, the flatness probes from ``fold_in(flatness_key, s)``.
