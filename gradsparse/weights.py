@@ -248,7 +248,8 @@ def _npz_store(p: Path) -> _Store:
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: np.asarray(z[k]) for k in z.files}
     except (OSError, ValueError, EOFError) as e:
-        raise ValueError(f"cannot read {p} as .npz of arrays: {e}") from None
+        why = "it holds Python objects (pickles), not plain arrays" if "allow_pickle" in str(e) else str(e)
+        raise ValueError(f"cannot read {p} as .npz of arrays: {why}") from None
     return _dict_store(arrays, "npz", [str(p)])
 
 

@@ -191,6 +191,19 @@ def test_cli_user_errors_exit_2(tmp_path, capsys):
     assert err.count("error:") == 3
 
 
+def test_cli_refuses_a_file_as_out_before_printing_and_names_pickled_npz(npz_file, tmp_path, capsys):
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    assert cli.main(["spectrum", str(npz_file), "--out", str(target)]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and "exists and is not a folder" in cap.err
+    pickled = tmp_path / "objects.npz"
+    np.savez(pickled, w=np.array([{"a": 1}], dtype=object))
+    assert cli.main(["spectrum", str(pickled), "--no-figures"]) == 2
+    err = capsys.readouterr().err
+    assert "Python objects (pickles)" in err and "allow_pickle" not in err
+
+
 # ------------------------------------------------------------------ WeightWatcher-named columns, roles, outputs
 
 

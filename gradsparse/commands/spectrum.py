@@ -189,6 +189,9 @@ def run(args: argparse.Namespace) -> int:
     figures = not args.no_figures
     roles = dict(args.role)
     wset = spectra.weight_set(path, args.select, roles=roles, layout=args.layout)
+    out = (Path(args.out) if args.out else _default_out(path, wset.conventions["format"])) if figures else None
+    if out is not None and out.exists() and not out.is_dir():  # before the analysis: fail before printing
+        raise ValueError(f"--out {out} exists and is not a folder; allowed: a folder (created when missing)")
     fit = not args.no_fit
     rows = spectra.analyze(wset, rtol=args.rtol, route=args.route, fit=fit, alpha=args.alpha, keep_sv=figures,
                            ks_max=args.ks_max, progress=False if args.no_progress else None)
@@ -228,8 +231,7 @@ def run(args: argparse.Namespace) -> int:
                   "sigma_mp = entry std; num_spikes: TW test, num_spikes_margin: WeightWatcher's rule")
         if args.csv:
             print(f"wrote {args.csv}")
-    if figures:
-        out = Path(args.out) if args.out else _default_out(path, wset.conventions["format"])
+    if out is not None:
         document = spectra.rows_to_json(rows, metadata=meta)
         written = _figures(rows, history_rows, out, document, args.max_esd, formats)
         if not args.json:
