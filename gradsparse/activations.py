@@ -287,16 +287,61 @@ class TopK(Activation):
         return f"topk({self.k},{self.base.name})"
 
 
+class GELUTanh(Activation):
+    """tanh-approximate GELU (``nnx.gelu`` / ``jax.nn.gelu``'s default).
+
+    sigma(z) = z/2 (1 + tanh u), u = c (z + 0.044715 z^3), c = sqrt(2/pi);
+    sigma'(z) = (1 + tanh u)/2 + z/2 (1 - tanh^2 u) c (1 + 3 * 0.044715 z^2).
+    Flat set: |sigma'(z)| <= DERIV_TOL (1e-6), as for the exact GELU.
+    """
+
+    def __call__(self, z: Array) -> Array:
+        return jax.nn.gelu(z, approximate=True)
+
+    def deriv(self, z: Array) -> Array:
+        c = math.sqrt(2.0 / math.pi)
+        t = jnp.tanh(c * (z + 0.044715 * z**3))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * z * z)
+
+    def flat_mask(self, z: Array) -> Array:
+        return jnp.abs(self.deriv(z)) <= DERIV_TOL
+
+    @property
+    def name(self) -> str:
+        return "gelu_tanh"
+
+
+class SiLU(Activation):
+    """SiLU / swish: sigma(z) = z s(z), s the logistic; sigma'(z) = s(z) (1 + z (1 - s(z))).
+    Flat set: |sigma'(z)| <= DERIV_TOL (1e-6)."""
+
+    def __call__(self, z: Array) -> Array:
+        return jax.nn.silu(z)
+
+    def deriv(self, z: Array) -> Array:
+        s = jax.nn.sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+
+    def flat_mask(self, z: Array) -> Array:
+        return jnp.abs(self.deriv(z)) <= DERIV_TOL
+
+    @property
+    def name(self) -> str:
+        return "silu"
+
+
 _SIMPLE: dict[str, Callable[[], Activation]] = {
     "relu": ReLU,
     "gelu": GELU,
     "relu2": ReLU2,
+    "gelu_tanh": GELUTanh,
+    "silu": SiLU,
     "jsrelu": JSReLU,
 }
 
 #: names (with their parameter syntax) accepted by get_activation
 ACTIVATION_NAMES = (
-    "relu", "gelu", "relu2", "jsrelu", "shifted_relu(sx,sy)", "sshaped(h,sx,sy)", "sshaped2(h,sx,sy)", "mixed(k)",
+    "relu", "gelu", "gelu_tanh", "silu", "relu2", "jsrelu", "shifted_relu(sx,sy)", "sshaped(h,sx,sy)", "sshaped2(h,sx,sy)", "mixed(k)",
     "topk(k[,base])",
 )
 

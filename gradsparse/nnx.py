@@ -62,7 +62,6 @@ Limits: each block must be called once per forward (no weight sharing across cal
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -72,7 +71,7 @@ import numpy as np
 from flax import nnx
 
 from gradsparse import monitors
-from gradsparse.activations import DERIV_TOL, GELU, Activation, JSReLU, Mixed, ReLU, ReLU2, get_activation
+from gradsparse.activations import GELU, Activation, GELUTanh, JSReLU, Mixed, ReLU, ReLU2, SiLU, get_activation
 from gradsparse._validate import check_float
 from gradsparse.plugins.schedules import check_ramp_length, ramp
 
@@ -91,54 +90,6 @@ __all__ = [
 PLACEMENTS = ("input", "output")
 #: relative tolerance of the data-flow test V.input == sigma(K.output)
 MATCH_RTOL = 1e-5
-
-
-# --------------------------------------------------------------------------------------------
-# activations NNX models use that the registry lacks
-# --------------------------------------------------------------------------------------------
-
-
-class GELUTanh(Activation):
-    """tanh-approximate GELU (``nnx.gelu`` / ``jax.nn.gelu``'s default).
-
-    sigma(z) = z/2 (1 + tanh u), u = c (z + 0.044715 z^3), c = sqrt(2/pi);
-    sigma'(z) = (1 + tanh u)/2 + z/2 (1 - tanh^2 u) c (1 + 3 * 0.044715 z^2).
-    Flat set: |sigma'(z)| <= DERIV_TOL (1e-6), as for the exact GELU.
-    """
-
-    def __call__(self, z: Array) -> Array:
-        return jax.nn.gelu(z, approximate=True)
-
-    def deriv(self, z: Array) -> Array:
-        c = math.sqrt(2.0 / math.pi)
-        t = jnp.tanh(c * (z + 0.044715 * z**3))
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * z * z)
-
-    def flat_mask(self, z: Array) -> Array:
-        return jnp.abs(self.deriv(z)) <= DERIV_TOL
-
-    @property
-    def name(self) -> str:
-        return "gelu_tanh"
-
-
-class SiLU(Activation):
-    """SiLU / swish: sigma(z) = z s(z), s the logistic; sigma'(z) = s(z) (1 + z (1 - s(z))).
-    Flat set: |sigma'(z)| <= DERIV_TOL (1e-6)."""
-
-    def __call__(self, z: Array) -> Array:
-        return jax.nn.silu(z)
-
-    def deriv(self, z: Array) -> Array:
-        s = jax.nn.sigmoid(z)
-        return s * (1.0 + z * (1.0 - s))
-
-    def flat_mask(self, z: Array) -> Array:
-        return jnp.abs(self.deriv(z)) <= DERIV_TOL
-
-    @property
-    def name(self) -> str:
-        return "silu"
 
 
 #: the activations :func:`find_mlp_blocks` recognises, tried in this order
