@@ -24,7 +24,7 @@ DISTILL_MODULES = ("zeroth_bias", "restricted_ln")
 #: the neighbour agreement needs at least this many held-out sentences (issue protocol: >= 500)
 MIN_HELDOUT = 500
 #: default weight of the per-layer hidden-state MSE in the distillation loss (see gradsparse.relufy)
-DEFAULT_HIDDEN_WEIGHT = 0.0
+DEFAULT_HIDDEN_WEIGHT = 10.0
 _I32 = 2**31 - 1
 
 

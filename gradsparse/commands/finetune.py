@@ -199,7 +199,11 @@ def run_hf(args: argparse.Namespace) -> int:
         refuse_existing_run(out)
     from gradsparse.relufy import relufy  # the distillation loop: only this route needs it
 
-    res = relufy(cfg, out, resume=args.resume, progress=not args.quiet and sys.stderr.isatty())
+    try:
+        res = relufy(cfg, out, resume=args.resume, progress=not args.quiet and sys.stderr.isatty())
+    except TrainingDiverged as e:
+        print(f"gradsparse finetune: stopped: {e}", file=sys.stderr)
+        return 3
     b, a = res.summary["before"], res.summary["after"]
     print(f"relufied {folder} ({cfg.activation}, modules [{', '.join(mods) or 'none'}], {cfg.steps} steps): "
           f"density {b['teacher_positive_fraction/mean']:.4f} (GELU, positive) / {b['density/mean']:.4f} (relufied) "
