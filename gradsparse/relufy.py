@@ -158,9 +158,13 @@ def _kept_log(path: Path, loop: dict[str, Any], c: int, cfg: DistillConfig) -> t
         raise ValueError(f"{path}: its first {n} lines differ from those written before the checkpoint at step {c}; "
                          "the run cannot be resumed faithfully")
     lines, recs = [], []
-    for line in complete[:n]:
-        rec = json.loads(line)
-        if rec["step"] < c and _logged(rec["step"], cfg):
+    for i, line in enumerate(complete[:n]):
+        try:
+            rec = json.loads(line)
+            step = int(rec["step"])
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path} line {i + 1} is not a log record; the log is damaged") from None
+        if step < c and _logged(step, cfg):
             lines.append(line)
             recs.append(rec)
     return lines, recs

@@ -35,6 +35,7 @@ from gradsparse.config import INT_BOUNDS, TrainConfig
 from gradsparse import data
 from gradsparse.factory import RunKeys, finetune_start
 from gradsparse.plugins.sparsify import MODULE_NAMES
+from gradsparse.relufy import relufy
 from gradsparse.relufy_config import DISTILL_ACTIVATIONS, DISTILL_MODULES, DistillConfig
 from gradsparse.runfolder import refuse_existing_run, run_contents, stored_config
 from gradsparse.step import final_eval
@@ -197,8 +198,6 @@ def run_hf(args: argparse.Namespace) -> int:
         raise ValueError(f"{_flag(field)}:{rest}" if field in fields else str(e)) from None
     if not (args.overwrite or args.resume):
         refuse_existing_run(out)
-    from gradsparse.relufy import relufy  # the distillation loop: only this route needs it
-
     try:
         res = relufy(cfg, out, resume=args.resume, progress=not args.quiet and sys.stderr.isatty())
     except TrainingDiverged as e:
