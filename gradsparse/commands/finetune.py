@@ -57,13 +57,14 @@ def parse_modules(text: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", type=path_arg, help="checkpoint file or run folder (its latest checkpoint)")
+    p.add_argument("checkpoint", type=path_arg,
+                   help="checkpoint file or run folder (its latest checkpoint), or a Hugging Face BERT folder")
     p.add_argument("--modules", required=True,
                    help=f"comma-separated from {','.join(MODULE_NAMES)} (or 'none' for a control run)")
     p.add_argument("--steps", type=int, required=True, help="finetuning steps")
     p.add_argument("--out", type=path_arg, required=True,
                    help="run folder to write (not the parent's run folder, nor inside it)")
-    p.add_argument("--lr", type=float, help="learning rate (default: the parent run's)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the parent run's; 5e-5 for a BERT folder)")
     p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps (default 0)")
     p.add_argument("--t-up", type=int, help="restricted LN: steps until |gamma| >= 1 (default steps/2)")
     p.add_argument("--t-mix", type=int, help="jsrelu: steps until the ReLU -> JSReLU mix is complete (default steps/2)")
@@ -90,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help="sentences per step (default 16)")
     g.add_argument("--seq-len", type=int, help="tokens per sentence, special tokens included (default 32)")
     g.add_argument("--hidden-weight", type=float,
-                   help="weight of the per-layer hidden-state MSE beside the embedding cosine loss (default 0)")
+                   help="weight of the per-layer hidden-state MSE beside the embedding cosine loss (default 10)")
     g.add_argument("--checkpoint-every", type=int, help="checkpoint every k steps (default 0: at the end only)")
 
 
