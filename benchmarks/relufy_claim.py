@@ -143,8 +143,8 @@ def main() -> None:
         rs = [r for r in rows if r["arm"] == arm]
         print(f"{arm}: density {statistics.mean(r['density'] for r in rs):.4f}, teacher_cos "
               f"{statistics.mean(r['teacher_cos'] for r in rs):.4f}, nn_agreement "
-              f"{statistics.mean(r['nn_agreement'] for r in rs):.3f}, wall {statistics.mean(r['seconds'] for r in rs):.0f}"
-              " s per run")
+              f"{statistics.mean(r['nn_agreement'] for r in rs):.3f}, "
+              f"wall {statistics.mean(r['seconds'] for r in rs):.0f} s per run")
     print(f"density verdict: {v_dens.verdict}: {v_dens.reason}")
     print(f"quality verdict: {v_cos.verdict}: {v_cos.reason}")
     print(f"overall (primary: density): {overall.verdict}; total wall {time.time() - t_all:.0f} s, "
