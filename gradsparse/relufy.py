@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 
 from gradsparse._validate import check_bool
 from gradsparse.activations import Mixed
-from gradsparse.checkpoint import checkpoint_path, list_checkpoints, read_header, read_leaves, save_checkpoint
+from gradsparse.checkpoint import list_checkpoints, read_header, read_leaves
 from gradsparse.distill import default_split, heldout_metrics, sentence_batch
 from gradsparse.factory import build_distill
 from gradsparse.io import atomic_write_json
@@ -241,9 +241,7 @@ def relufy(cfg: DistillConfig, out_dir: str | os.PathLike | None = None, *, resu
     def save(step: int, m: Any, st: Any) -> Path | None:
         if out is None:
             return None
-        log.sync()
-        loop = {"step": step, "elapsed_s": round(time.time() - t0, 3), **log.position()}
-        return save_checkpoint(checkpoint_path(out, step), m, st, {**header, "step": step, "loop": loop})
+        return log.checkpoint(out, step, m, st, header, time.time() - t0)
 
     try:
         for s in range(first, cfg.steps):

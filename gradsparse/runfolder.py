@@ -37,7 +37,8 @@ import optax
 
 from gradsparse import __version__
 from gradsparse._validate import check_bool
-from gradsparse.checkpoint import CheckpointDamaged, list_checkpoints, read_header, read_leaves
+from gradsparse.checkpoint import (CheckpointDamaged, checkpoint_path, list_checkpoints, read_header, read_leaves,
+                                   save_checkpoint)
 from gradsparse.config import TrainConfig, check_resumable
 from gradsparse.io import atomic_write_bytes, atomic_write_json, with_target
 
@@ -493,6 +494,15 @@ class LogWriter:
 
     def position(self) -> dict[str, Any]:
         return {"log_lines": self.count, "log_sha256": self.hash.hexdigest()}
+
+    def checkpoint(self, out: Path, step: int, model: Any, state: Any, header: dict[str, Any],
+                   elapsed_s: float) -> Path:
+        """Sync the log, then write ``out/checkpoints/step_{step}`` holding (model, state) with
+        ``header`` plus ``step`` and ``loop`` = {step, elapsed_s, log_lines, log_sha256}: the
+        log position a resume cuts back to."""
+        self.sync()
+        loop = {"step": step, "elapsed_s": round(elapsed_s, 3), **self.position()}
+        return save_checkpoint(checkpoint_path(out, step), model, state, {**header, "step": step, "loop": loop})
 
     def close(self) -> None:
         try:

@@ -33,7 +33,6 @@ from tqdm.auto import tqdm
 
 from gradsparse import covariance
 from gradsparse._validate import check_bool
-from gradsparse.checkpoint import checkpoint_path, save_checkpoint
 from gradsparse.config import TrainConfig
 from gradsparse.data import (LABEL_NOISE_TAG, Batcher, DataInfo, Dataset, data_sha256, heldout_batch, load_dataset,
                              noisy_labels, noisy_labels_device)
@@ -208,9 +207,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
     def save(step: int, m: Any, st: Any) -> Path | None:
         if out is None:
             return None
-        log.sync()
-        loop = {"step": step, "elapsed_s": round(time.time() - t0, 3), **log.position()}
-        return save_checkpoint(checkpoint_path(out, step), m, st, {**header, "step": step, "loop": loop})
+        return log.checkpoint(out, step, m, st, header, time.time() - t0)
 
     def interrupted() -> TrainingInterrupted:
         """Save the state after the last completed update (unless it is saved already or none was done)."""
