@@ -19,6 +19,9 @@ Printed (medians of interleaved repeats, warm-up excluded, one run):
 - ``roofline_{plain,monitored}_w{W}_b64``: the JAX step's achieved GFLOP/s (FLOPs of
   ``common.step_flops``: 6 x dense weights x batch, matmuls only) / the GFLOP/s of one jitted f32
   2048^2 matmul timed in the SAME interleaved run (same load and threads); target >= 0.6 at w512.
+- ``matmul_share_w{W}_b64``: t(the blocks' matmuls alone, ``common.block_matmuls``) / t(JAX step
+  with monitors); t(torch with hooks) / t(matmuls alone) in its note is the largest speed-up any
+  JAX step built on the same matmul kernels could reach.
 - ``torch_metric_max_rel_diff``: both implementations on the SAME weights (copied from the
   equinox model) and batch: the largest relative difference over every continuous metric, and
   ``torch_fraction_max_abs_diff`` over the fraction metrics (sparsities), to a stated tolerance.
@@ -39,8 +42,8 @@ try:
 except ModuleNotFoundError:
     torch = None
 
-from common import (cpu_count, header, interleaved_medians, mnist1d_batch, peak_matmul, quick, report, skip,
-                    step_flops)
+from common import (block_matmuls, cpu_count, header, interleaved_medians, mnist1d_batch, peak_matmul, quick, report,
+                    skip, step_flops)
 
 NAME = "torch_hooks_vs_gradsparse"
 #: set in the child process that repeats the timing with one thread on both sides
@@ -238,6 +241,8 @@ def main() -> None:
         kinds = ("torch_mon",)
         if not one:
             j_steps["jax_plain"] = make_train_step(opt, trainable, monitors=False)
+            # context: the plain step writing into the buffers it is given (make_train_step(donate=True))
+            j_steps["jax_plain_donated"] = make_train_step(opt, trainable, monitors=False, donate=True)
             kinds = ("torch_mon", "torch_plain")
         t_models = {}
         for kind in kinds:
@@ -255,7 +260,8 @@ def main() -> None:
             tm.load_state_dict(ref)  # undo the update for the timing runs
             compare(jm, tmet, batch * cfg.mlp_ratio * width)
 
-        state = {k: [model, opt_state] for k in j_steps}
+        own = lambda tree: jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True) if eqx.is_array(a) else a, tree)  # noqa: E731
+        state = {k: [own(model), own(opt_state)] if k.endswith("donated") else [model, opt_state] for k in j_steps}
 
         def jrun(k):
             def f():
@@ -268,13 +274,16 @@ def main() -> None:
         for kind, (tm, rec, topt) in t_models.items():
             fns[kind] = make_torch_step(tm, rec, topt, xt, yt, kind == "torch_mon")
         fns["matmul_2048"], mm_flops = peak_matmul(2048)
+        fns["block_matmuls"] = block_matmuls(width, depth, batch, cfg.mlp_ratio)
         reps, number = (repeats, 3) if width <= 128 else (max(3, repeats // 3), 1)
         t = interleaved_medians(fns, repeats=reps, warmup=2, number=number, sync=_sync)
         ms = {k: v["median"] * 1e3 for k, v in t.items()}
         print(f"  width {width} depth {depth} batch {batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
         flops = step_flops(model, batch)
         peak = mm_flops / t["matmul_2048"]["median"] / 1e9
-        for k in j_steps:
+        for k in ("jax_mon", "jax_plain"):
+            if k not in j_steps:
+                continue
             got = flops / t[k]["median"] / 1e9
             kind = "monitored" if k == "jax_mon" else "plain"
             report(f"roofline_{kind}_w{width}_b{batch}" + ("_1thread" if one else ""), got / peak, unit="",
@@ -282,6 +291,12 @@ def main() -> None:
                    note=f"achieved {got:.1f} GFLOP/s ({flops / 1e9:.3f} GFLOP per step: 6 x dense weights x batch) / "
                         f"jitted f32 2048^2 matmul {peak:.1f} GFLOP/s, same run, "
                         f"{'1 thread' if one else f'{cores} threads'}")
+        tag = "_1thread" if one else ""
+        report(f"matmul_share_w{width}_b{batch}{tag}", t["block_matmuls"]["median"] / t["jax_mon"]["median"], unit="",
+               note=f"the blocks' {6 * depth} matmuls alone ({ms['block_matmuls']:.2f} ms, same layouts) / the "
+                    f"monitored step ({ms['jax_mon']:.2f} ms): the rest is LayerNorm, activations, loss, update, "
+                    f"monitors and per-kernel overhead; torch with hooks / matmuls alone = "
+                    f"{t['torch_mon']['median'] / t['block_matmuls']['median']:.2f}x bounds the speed-up")
         if one:
             report(f"{NAME}_1thread_w{width}", t["torch_mon"]["median"] / t["jax_mon"]["median"], target=">= 2",
                    note=f"both on ONE thread: torch {ms['torch_mon']:.2f} ms, gradsparse {ms['jax_mon']:.2f} ms")
@@ -291,6 +306,8 @@ def main() -> None:
                     f"gradsparse {ms['jax_mon']:.2f} ms")
         report(f"torch_plain_vs_jax_plain_w{width}", t["torch_plain"]["median"] / t["jax_plain"]["median"],
                note=f"no monitors: torch {ms['torch_plain']:.2f} ms, jax {ms['jax_plain']:.2f} ms")
+        report(f"jax_plain_donated_vs_plain_w{width}", t["jax_plain_donated"]["median"] / t["jax_plain"]["median"],
+               note=f"make_train_step(donate=True) {ms['jax_plain_donated']:.2f} ms vs {ms['jax_plain']:.2f} ms")
         report(f"torch_hook_overhead_w{width}", t["torch_mon"]["median"] / t["torch_plain"]["median"],
                note="torch step with hooks + metrics / torch step without")
     if not one and cores > 1:

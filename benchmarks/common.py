@@ -247,3 +247,31 @@ def peak_matmul(n: int = 2048) -> tuple[Callable[[], Any], int]:
     b = jax.random.normal(jax.random.key(1), (n, n), dtype="float32")
     mm = jax.jit(lambda u, v: u @ v)
     return (lambda: mm(a, b)), 2 * n ** 3
+
+
+def block_matmuls(width: int, depth: int, batch: int, ratio: int = 4) -> Callable[[], Any]:
+    """Zero-argument fn running ONLY the matmuls of a training step of ``depth`` MLP blocks
+    (d = width, n = ratio x width, N = batch tokens), in the layouts autodiff gives them: per block
+    forward z = x K^T, y = a V^T; backward dL/da = gy V, dL/dV = gy^T a, dL/dx = gz K, dL/dK = gz^T x,
+    all outputs kept. Its time is what the step's matmuls cost on their own, the floor under the step."""
+    import jax
+    import jax.numpy as jnp
+
+    if min(width, depth, batch, ratio) < 1:
+        raise ValueError(f"sizes must be >= 1, got width={width}, depth={depth}, batch={batch}, ratio={ratio}")
+    d, n = width, ratio * width
+    ks = jax.random.split(jax.random.key(0), 6)
+    x, a, gz = (jax.random.normal(ks[0], (batch, d)), jax.random.normal(ks[1], (batch, n)),
+                jax.random.normal(ks[2], (batch, n)))
+    gy = jax.random.normal(ks[3], (batch, d))
+    K = [jax.random.normal(jax.random.fold_in(ks[4], i), (n, d)) for i in range(depth)]
+    V = [jax.random.normal(jax.random.fold_in(ks[5], i), (d, n)) for i in range(depth)]
+
+    @jax.jit
+    def run(x, a, gz, gy, K, V):
+        out = []
+        for k, v in zip(K, V):
+            out += [x @ k.T, a @ v.T, gy @ v, gy.T @ a, gz @ k, gz.T @ x]
+        return out
+
+    return lambda: run(x, a, gz, gy, K, V)
