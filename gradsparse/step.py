@@ -64,7 +64,7 @@ def forward_backward(model: Any, trainable: Any, x: Array, y: Array, key: Array 
 
 
 def make_train_step(optimizer: optax.GradientTransformation, trainable: Any, projections: Sequence[Projection] = (),
-                    *, monitors: bool = True, accumulator: Accumulator | None = None, donate: bool = False) -> Callable:
+                    *, monitors: bool = True, accumulator: Accumulator | None = None) -> Callable:
     """Jitted ``step(model, state, x, y, key, step) -> (model, state, metrics, finite)``.
 
     ``state`` is the optimizer state, or ``(optimizer state, covariance state)`` with an
@@ -76,18 +76,12 @@ def make_train_step(optimizer: optax.GradientTransformation, trainable: Any, pro
     old model and state. The step without monitors and accumulator differentiates the parameters
     only (``forward_backward(..., probe_grads=False)``); its new parameters equal the monitored
     step's (tests/test_step_plain.py).
-
-    ``donate=True`` hands the buffers of ``model`` and ``state`` to XLA, which writes the new
-    parameters and optimizer state into them (no fresh parameter-sized outputs per step); the
-    arrays passed in are then deleted, so the caller can NOT keep the old model on a non-finite
-    step. Same numbers as ``donate=False``.
     """
-    if not isinstance(donate, bool):
-        raise ValueError(f"donate: must be True or False, got {donate!r}")
     projections = tuple(projections)
     # the plain step without accumulator never reads dL/da, dL/dy: it does not ask for them
     probe_grads = monitors or accumulator is not None
 
+    @eqx.filter_jit
     def step(model, state, x, y, key, step_idx):
         opt_state, acc_state = state if accumulator is not None else (state, None)
         loss, acc, aux, g_params, g_probes = forward_backward(model, trainable, x, y, key, probe_grads=probe_grads)
@@ -107,18 +101,7 @@ def make_train_step(optimizer: optax.GradientTransformation, trainable: Any, pro
         new_acc = accumulator.update(acc_state, [ax["x"] for ax in aux], etas, x.shape[0])
         return new_model, (new_opt, new_acc), metrics, finite
 
-    if not donate:
-        return eqx.filter_jit(step)
-
-    # equinox donates every argument but the first: the batch, key and step index go first
-    @eqx.filter_jit(donate="all-except-first")
-    def donated(batch, model, state):
-        return step(model, state, *batch)
-
-    def donating_step(model, state, x, y, key, step_idx):
-        return donated((x, y, key, step_idx), model, state)
-
-    return donating_step
+    return step
 
 
 def make_eval_fn(trainable: Any) -> Callable:
