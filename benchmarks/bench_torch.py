@@ -241,8 +241,6 @@ def main() -> None:
         kinds = ("torch_mon",)
         if not one:
             j_steps["jax_plain"] = make_train_step(opt, trainable, monitors=False)
-            # context: the plain step writing into the buffers it is given (make_train_step(donate=True))
-            j_steps["jax_plain_donated"] = make_train_step(opt, trainable, monitors=False, donate=True)
             kinds = ("torch_mon", "torch_plain")
         t_models = {}
         for kind in kinds:
@@ -260,8 +258,7 @@ def main() -> None:
             tm.load_state_dict(ref)  # undo the update for the timing runs
             compare(jm, tmet, batch * cfg.mlp_ratio * width)
 
-        own = lambda tree: jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True) if eqx.is_array(a) else a, tree)  # noqa: E731
-        state = {k: [own(model), own(opt_state)] if k.endswith("donated") else [model, opt_state] for k in j_steps}
+        state = {k: [model, opt_state] for k in j_steps}
 
         def jrun(k):
             def f():
@@ -281,9 +278,7 @@ def main() -> None:
         print(f"  width {width} depth {depth} batch {batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
         flops = step_flops(model, batch)
         peak = mm_flops / t["matmul_2048"]["median"] / 1e9
-        for k in ("jax_mon", "jax_plain"):
-            if k not in j_steps:
-                continue
+        for k in j_steps:
             got = flops / t[k]["median"] / 1e9
             kind = "monitored" if k == "jax_mon" else "plain"
             report(f"roofline_{kind}_w{width}_b{batch}" + ("_1thread" if one else ""), got / peak, unit="",
@@ -306,8 +301,6 @@ def main() -> None:
                     f"gradsparse {ms['jax_mon']:.2f} ms")
         report(f"torch_plain_vs_jax_plain_w{width}", t["torch_plain"]["median"] / t["jax_plain"]["median"],
                note=f"no monitors: torch {ms['torch_plain']:.2f} ms, jax {ms['jax_plain']:.2f} ms")
-        report(f"jax_plain_donated_vs_plain_w{width}", t["jax_plain_donated"]["median"] / t["jax_plain"]["median"],
-               note=f"make_train_step(donate=True) {ms['jax_plain_donated']:.2f} ms vs {ms['jax_plain']:.2f} ms")
         report(f"torch_hook_overhead_w{width}", t["torch_mon"]["median"] / t["torch_plain"]["median"],
                note="torch step with hooks + metrics / torch step without")
     if not one and cores > 1:

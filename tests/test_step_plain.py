@@ -55,7 +55,7 @@ def _assert_same(out):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("optimizer,extra", [("adam", {"weight_decay": 1e-2, "grad_clip": 1.0, "depth": 2,
+@pytest.mark.parametrize("optimizer,extra", [("adam", {"weight_decay": 1e-2, "grad_clip": 1.0, "depth": 1,
                                                        "weight_noise": "synapse"}),
                                              ("sgd", {"zeroth_bias": True, "restricted_ln": True, "depth": 1,
                                                       "activation": "jsrelu"})])
