@@ -50,6 +50,8 @@ def forward_backward(model: Any, trainable: Any, x: Array, y: Array, key: Array 
     differentiated: ``g_probes`` is None and the parameter gradients are the same numbers (the
     probes add 0 to a and y, so dL/dparams does not depend on whether dL/dprobes is asked for).
     """
+    if not isinstance(probe_grads, bool):
+        raise ValueError(f"probe_grads: must be True or False, got {probe_grads!r}")
     params, static = eqx.partition(model, trainable)
     probes = zero_probes(model.mlp_blocks(), x.shape[0] * model.tokens_per_sample)
 

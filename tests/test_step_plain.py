@@ -81,6 +81,8 @@ def test_forward_backward_without_probe_grads(mnist):
     full = fb(built.model, built.trainable, x, y, None)
     part = fb(built.model, built.trainable, x, y, None, probe_grads=False)
     assert part[4] is None and full[4] is not None
+    with pytest.raises(ValueError, match="probe_grads: must be True or False"):
+        forward_backward(built.model, built.trainable, x, y, None, probe_grads="no")
     assert float(part[0]) == float(full[0]) and float(part[1]) == float(full[1])
     for a, b in zip(jax.tree_util.tree_leaves((part[2], part[3])), jax.tree_util.tree_leaves((full[2], full[3])),
                     strict=True):
