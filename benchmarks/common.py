@@ -194,3 +194,84 @@ def monitor_step_times(width: int, depth: int, batch: int, ds: Any, *, repeats: 
 
     t = interleaved_medians({k: runner(k) for k in steps}, repeats=repeats, warmup=warmup, number=number)
     return t, n_params
+
+
+# ---------------------------------------------------------------------------- FLOPs and the machine's limit
+def step_flops(model: Any, batch: int) -> int:
+    """FLOPs of one training step (forward + backward) of ``model`` on ``batch`` samples, counted
+    as the matmuls only:
+
+    - every Dense layer (weight W: out x in) on N = batch x tokens_per_sample tokens:
+      6 * in * out * N (forward 2 in out N; backward dL/dx and dL/dW, 2 in out N each). The first
+      layer's dL/dx is not needed but is counted anyway (< 0.3% of the MLP's total at width >= 64);
+    - every attention layer (model width d, T tokens per sample): scores Q K^T and the weighted sum
+      of V, 2 * 2 * batch * T^2 * d forward, twice that backward: 12 * batch * T^2 * d (the causal
+      mask is not discounted).
+
+    LayerNorm, activations, softmax, the loss and the optimizer update (O(params + N d)) are left out.
+    """
+    import jax
+
+    from gradsparse.models.common import Dense
+    from gradsparse.models.transformer import Attention
+
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    tps = int(getattr(model, "tokens_per_sample", 1))
+    n_tok = batch * tps
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(model, is_leaf=lambda m: isinstance(m, (Dense, Attention))):
+        if isinstance(leaf, Attention):
+            d = int(leaf.qkv.weight.shape[1])
+            total += 12 * batch * tps * tps * d
+            leaf_dense = [leaf.qkv, leaf.out]
+        elif isinstance(leaf, Dense):
+            leaf_dense = [leaf]
+        else:
+            continue
+        for dn in leaf_dense:
+            out_f, in_f = (int(s) for s in dn.weight.shape)
+            total += 6 * in_f * out_f * n_tok
+    return total
+
+
+def peak_matmul(n: int = 2048) -> tuple[Callable[[], Any], int]:
+    """(zero-argument fn, FLOPs) of one jitted f32 (n, n) @ (n, n) matmul: 2 n^3 FLOPs. Timed in
+    the same ``interleaved_medians`` call as the steps, it gives the machine's large-matmul GFLOP/s
+    at the same moment (same load, same thread setting) as the achieved GFLOP/s it is compared with."""
+    import jax
+
+    if n < 1:
+        raise ValueError(f"matmul size must be >= 1, got {n}")
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype="float32")
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype="float32")
+    mm = jax.jit(lambda u, v: u @ v)
+    return (lambda: mm(a, b)), 2 * n ** 3
+
+
+def block_matmuls(width: int, depth: int, batch: int, ratio: int = 4) -> Callable[[], Any]:
+    """Zero-argument fn running ONLY the matmuls of a training step of ``depth`` MLP blocks
+    (d = width, n = ratio x width, N = batch tokens), in the layouts autodiff gives them: per block
+    forward z = x K^T, y = a V^T; backward dL/da = gy V, dL/dV = gy^T a, dL/dx = gz K, dL/dK = gz^T x,
+    all outputs kept. Its time is what the step's matmuls cost on their own, the floor under the step."""
+    import jax
+    import jax.numpy as jnp
+
+    if min(width, depth, batch, ratio) < 1:
+        raise ValueError(f"sizes must be >= 1, got width={width}, depth={depth}, batch={batch}, ratio={ratio}")
+    d, n = width, ratio * width
+    ks = jax.random.split(jax.random.key(0), 6)
+    x, a, gz = (jax.random.normal(ks[0], (batch, d)), jax.random.normal(ks[1], (batch, n)),
+                jax.random.normal(ks[2], (batch, n)))
+    gy = jax.random.normal(ks[3], (batch, d))
+    K = [jax.random.normal(jax.random.fold_in(ks[4], i), (n, d)) for i in range(depth)]
+    V = [jax.random.normal(jax.random.fold_in(ks[5], i), (d, n)) for i in range(depth)]
+
+    @jax.jit
+    def run(x, a, gz, gy, K, V):
+        out = []
+        for k, v in zip(K, V):
+            out += [x @ k.T, a @ v.T, gy @ v, gy.T @ a, gz @ k, gz.T @ x]
+        return out
+
+    return lambda: run(x, a, gz, gy, K, V)

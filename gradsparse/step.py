@@ -44,18 +44,27 @@ def loss_fn(model: Any, probes: list[dict[str, Array]], x: Array, y: Array, key:
     return loss, (aux, acc)
 
 
-def forward_backward(model: Any, trainable: Any, x: Array, y: Array, key: Array | None):
+def forward_backward(model: Any, trainable: Any, x: Array, y: Array, key: Array | None, *,
+                     probe_grads: bool = True):
     """(loss, accuracy, aux, grads of the trainable params, grads of the probes) in one pass.
 
     ``aux[i]`` = {'x': (N, d), 'z': (N, n), 'a': (N, n)} of block i; ``g_probes[i]`` =
     {'a': dL/da (N, n), 'y': dL/dy (N, d)} of the MEAN loss over the batch (N = B x tokens).
+    With ``probe_grads=False`` the probes stay zero inputs of the forward pass but are not
+    differentiated: ``g_probes`` is None and the parameter gradients are the same numbers (the
+    probes add 0 to a and y, so dL/dparams does not depend on whether dL/dprobes is asked for).
     """
+    if not isinstance(probe_grads, bool):
+        raise ValueError(f"probe_grads: must be True or False, got {probe_grads!r}")
     params, static = eqx.partition(model, trainable)
     probes = zero_probes(model.mlp_blocks(), x.shape[0] * model.tokens_per_sample)
 
     def f(p, pr):
         return loss_fn(eqx.combine(p, static), pr, x, y, key)
 
+    if not probe_grads:
+        (loss, (aux, acc)), g_params = jax.value_and_grad(f, has_aux=True)(params, probes)
+        return loss, acc, aux, g_params, None
     (loss, (aux, acc)), (g_params, g_probes) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, probes)
     return loss, acc, aux, g_params, g_probes
 
@@ -70,14 +79,18 @@ def make_train_step(optimizer: optax.GradientTransformation, trainable: Any, pro
     computed from the forward/backward pass BEFORE the update. ``key`` (pass
     ``fold_in(noise_key, step)``) drives the noise modules a model holds and is ignored otherwise.
     ``finite`` is False when the loss or the gradient norm is NaN/inf; the caller then keeps the
-    old model and state.
+    old model and state. The step without monitors and accumulator differentiates the parameters
+    only (``forward_backward(..., probe_grads=False)``); its new parameters equal the monitored
+    step's (tests/test_step_plain.py).
     """
     projections = tuple(projections)
+    # the plain step without accumulator never reads dL/da, dL/dy: it does not ask for them
+    probe_grads = monitors or accumulator is not None
 
     @eqx.filter_jit
     def step(model, state, x, y, key, step_idx):
         opt_state, acc_state = state if accumulator is not None else (state, None)
-        loss, acc, aux, g_params, g_probes = forward_backward(model, trainable, x, y, key)
+        loss, acc, aux, g_params, g_probes = forward_backward(model, trainable, x, y, key, probe_grads=probe_grads)
         params, static = eqx.partition(model, trainable)
         updates, new_opt = optimizer.update(g_params, opt_state, params)
         new_model = eqx.combine(optax.apply_updates(params, updates), static)
