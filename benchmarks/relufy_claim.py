@@ -25,6 +25,7 @@ Verdicts (``theory_checks.verdicts``):
     python benchmarks/relufy_claim.py --out DIR [--seeds 0 1 2] [--steps 200] [--batch-size 16]
                                       [--seq-len 32] [--lr 5e-5] [--model PATH]
     python benchmarks/relufy_claim.py --out DIR --pilot-hidden 0 1 10   # the hidden-weight pilot
+    python benchmarks/relufy_claim.py --out DIR --ablation   # (b)'s pieces one at a time, first seed
 
 Writes DIR/relufy_claim.json (atomically) and prints a table. Long: run it under ``nice``.
 """
@@ -50,6 +51,10 @@ DELTA_SOURCE = ("4% of the control's held-out density (0.246 in the pilot); pilo
                 "paired differences 0.0481, 0.0493, sd 0.0008, so the MDE with 3 seeds is ~0.002, well below delta")
 ARMS = {"a_control": dict(activation="relu", modules=()),
         "b_modules": dict(activation="mix", modules=("zeroth_bias", "restricted_ln"))}
+#: ``--ablation``: arm (b) taken apart, one piece at a time (context for the quality part, no verdict)
+ABLATION = {"mix_only": dict(activation="mix", modules=()),
+            "zeroth_bias_only": dict(activation="relu", modules=("zeroth_bias",)),
+            "restricted_ln_only": dict(activation="relu", modules=("restricted_ln",))}
 
 
 def _model_path(given: str | None) -> str:
@@ -92,6 +97,9 @@ def main() -> None:
     p.add_argument("--cos-margin", type=float, default=0.02, help="largest acceptable teacher-cosine drop of (b)")
     p.add_argument("--pilot-hidden", type=float, nargs="+",
                    help="instead: arm (a), first seed, once per hidden weight given (the default's pilot)")
+    p.add_argument("--ablation", action="store_true",
+                   help="instead: the pieces of arm (b) one at a time (mix only, zeroth bias only, restricted LN "
+                        "only), first seed; no verdict")
     args = p.parse_args()
     enable_compilation_cache()
     folder = _model_path(args.model)
@@ -114,6 +122,20 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.out / "relufy_pilot_hidden.json", {"config": base, "model": folder, "rows": rows,
                                                                   "wall_s": round(time.time() - t_all, 1)})
+        return
+    if args.ablation:
+        for arm, kw in ABLATION.items():
+            t = time.time()
+            res = relufy(DistillConfig(folder, seed=args.seeds[0], **base, **kw), None, progress=False)
+            rows.append(_row(arm, args.seeds[0], res, time.time() - t))
+            print(f"  {arm}: density {rows[-1]['density']:.4f}, teacher_cos {rows[-1]['teacher_cos']:.4f}, "
+                  f"nn_agreement {rows[-1]['nn_agreement']:.3f} ({rows[-1]['seconds']:.0f} s)", flush=True)
+        _print_rows(rows)
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(args.out / "relufy_ablation.json", {"config": base, "model": folder, "rows": rows,
+                                                              "arms": {k: {**v, "modules": list(v["modules"])}
+                                                                       for k, v in ABLATION.items()},
+                                                              "wall_s": round(time.time() - t_all, 1)})
         return
     for seed in args.seeds:  # arms interleaved per seed: drifting machine load hits both alike
         for arm, kw in ARMS.items():
