@@ -46,7 +46,6 @@ seed's key; no other randomness). Ctrl-C saves a checkpoint at the current step.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -70,7 +69,8 @@ from gradsparse.io import atomic_write_json
 from gradsparse.models.bert import BertEncoder, SentenceTokenizer
 from gradsparse.relufy_config import DistillConfig, check_resumable
 from gradsparse.relufy_step import make_distill_step, make_embed_fn
-from gradsparse.runfolder import LogWriter, git_dirty, git_revision, lock_run_folder, remove_temp_files, versions
+from gradsparse.runfolder import (LogWriter, git_dirty, git_revision, lock_run_folder, logged, remove_temp_files,
+                                  resume_log, versions)
 from gradsparse.train import TrainingDiverged, TrainingInterrupted
 
 #: checkpoint header 'kind' of a relufication run
@@ -139,36 +139,6 @@ def _heldout_record(student: BertEncoder, held: HeldOut) -> dict[str, Any]:
             "heldout/density": dens, "heldout/density/mean": _mean(dens), "heldout/num_sentences": held.n}
 
 
-def _logged(step: int, cfg: DistillConfig) -> bool:
-    return step % cfg.log_every == 0 or step == cfg.steps - 1
-
-
-def _kept_log(path: Path, loop: dict[str, Any], c: int, cfg: DistillConfig) -> tuple[list[bytes], list[dict]]:
-    """The log lines a run resumed from the checkpoint at step ``c`` keeps: the first
-    ``loop['log_lines']`` lines (their SHA-256 must be ``loop['log_sha256']``) whose step
-    ``cfg`` logs (an extended run no longer logs the old last step). ValueError if the log changed."""
-    raw = path.read_bytes() if path.exists() else b""
-    complete = raw.split(b"\n")[:-1]
-    n = loop.get("log_lines")
-    if not isinstance(n, int) or len(complete) < n:
-        raise ValueError(f"{path} holds {len(complete)} complete lines, the checkpoint at step {c} counted {n}; "
-                         "the log lost lines and the run cannot be resumed faithfully")
-    if hashlib.sha256(b"".join(line + b"\n" for line in complete[:n])).hexdigest() != loop.get("log_sha256"):
-        raise ValueError(f"{path}: its first {n} lines differ from those written before the checkpoint at step {c}; "
-                         "the run cannot be resumed faithfully")
-    lines, recs = [], []
-    for i, line in enumerate(complete[:n]):
-        try:
-            rec = json.loads(line)
-            step = int(rec["step"])
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{path} line {i + 1} is not a log record; the log is damaged") from None
-        if step < c and _logged(step, cfg):
-            lines.append(line)
-            recs.append(rec)
-    return lines, recs
-
-
 def _stored(out: Path) -> DistillConfig | None:
     p = out / "config.json"
     if not p.exists():
@@ -223,7 +193,7 @@ def relufy(cfg: DistillConfig, out_dir: str | os.PathLike | None = None, *, resu
             raise ValueError(f"checkpoint {path} is at step {c}, beyond steps {cfg.steps}")
         student, opt_state, _ = read_leaves(path, student, opt_state)
         loop = h.get("loop", {})
-        lines, records = _kept_log(out / "log.jsonl", loop, c, cfg)
+        lines, records = resume_log(out / "log.jsonl", loop, c, cfg)
         first, elapsed0, last_ckpt = c, float(loop.get("elapsed_s", 0.0)), path
     held = HeldOut(tok, held_sents, cfg.eval_batch, cfg.seq_len, teacher)
     step_fn = make_distill_step(optimizer, built.trainable, built.projections, hidden_weight=cfg.hidden_weight)
@@ -247,7 +217,7 @@ def relufy(cfg: DistillConfig, out_dir: str | os.PathLike | None = None, *, resu
         for s in range(first, cfg.steps):
             b = sentence_batch(tok, train_sents, data_key, s, cfg.batch_size, pad_to_multiple_of=cfg.seq_len)
             ids, mask, types = (jnp.asarray(b[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))
-            do_log = _logged(s, cfg)
+            do_log = logged(s, cfg)
             rec_held = _heldout_record(student, held) if do_log else None
             new_student, new_opt, metrics = step_fn(student, opt_state, teacher, ids, mask, types,
                                                     jnp.asarray(s, jnp.int32))

@@ -93,8 +93,9 @@ def git_dirty() -> bool | None:
 
 
 # ---------------------------------------------------------------------------- the log grid
-def logged(step: int, cfg: TrainConfig) -> bool:
-    """Whether step ``step`` writes a log line: every ``log_every`` steps and the last step."""
+def logged(step: int, cfg: Any) -> bool:
+    """Whether step ``step`` writes a log line: every ``log_every`` steps and the last step (``cfg``:
+    any config with ``steps`` and ``log_every``)."""
     return step % cfg.log_every == 0 or step == cfg.steps - 1
 
 
@@ -231,7 +232,7 @@ def plan_resume(out: Path, cfg: TrainConfig, header: dict[str, Any], model_like:
     res.step, res.checkpoint, res.model, res.state = step, path, model, state
     elapsed = loop.get("elapsed_s", 0.0)
     res.elapsed_s = float(elapsed) if isinstance(elapsed, (int, float)) and math.isfinite(elapsed) else 0.0
-    res.log_lines, res.records = _resume_log(out / "log.jsonl", loop, step, cfg)
+    res.log_lines, res.records = resume_log(out / "log.jsonl", loop, step, cfg)
     res.time_lines = _resume_times(out / "times.jsonl", [r["step"] for r in res.records])
     return res
 
@@ -277,8 +278,11 @@ def _offer(earlier: list[tuple[int, Path]], cfg: TrainConfig, header: dict[str, 
     return "no earlier checkpoint is intact; --overwrite starts the run over"
 
 
-def _resume_log(path: Path, loop: dict[str, Any], c: int, cfg: TrainConfig) -> tuple[list[bytes], list[dict]]:
+def resume_log(path: Path, loop: dict[str, Any], c: int, cfg: Any) -> tuple[list[bytes], list[dict]]:
     """The log lines (and records) a run resumed at step ``c`` keeps; ValueError if the log disagrees.
+
+    ``cfg`` is the run's config: anything with ``steps`` and ``log_every`` (a TrainConfig, or a
+    relufication run's DistillConfig), read through :func:`logged`.
 
     With the checkpoint's ``loop.log_lines`` = n and ``loop.log_sha256``, the first n complete
     lines must hash to that digest (they are the lines written before the checkpoint); every
