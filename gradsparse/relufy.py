@@ -70,7 +70,7 @@ from gradsparse.models.bert import BertEncoder, SentenceTokenizer
 from gradsparse.relufy_config import DistillConfig, check_resumable
 from gradsparse.relufy_step import make_distill_step, make_embed_fn
 from gradsparse.runfolder import (LogWriter, git_dirty, git_revision, lock_run_folder, logged, remove_temp_files,
-                                  resume_log, versions)
+                                  resume_log, resume_times, versions)
 from gradsparse.train import TrainingDiverged, TrainingInterrupted
 
 #: checkpoint header 'kind' of a relufication run
@@ -200,7 +200,7 @@ def relufy(cfg: DistillConfig, out_dir: str | os.PathLike | None = None, *, resu
     data_key = jax.random.key(cfg.seed)
 
     # ------------------------------------------------------------ writing starts here
-    log = _open(out, cfg, info, lines, first) if out is not None else None
+    log = _open(out, cfg, info, lines, first, records) if out is not None else None
     history = list(records)
     t0 = time.time() - elapsed0
     bar = tqdm(total=cfg.steps, initial=first, disable=not progress, mininterval=0.5, dynamic_ncols=True,
@@ -265,7 +265,8 @@ def relufy(cfg: DistillConfig, out_dir: str | os.PathLike | None = None, *, resu
     return DistillResult(student, opt_state, out, history, summary)
 
 
-def _open(out: Path, cfg: DistillConfig, info: Any, kept: list[bytes], first: int) -> LogWriter:
+def _open(out: Path, cfg: DistillConfig, info: Any, kept: list[bytes], first: int,
+          records: list[dict[str, Any]]) -> LogWriter:
     """Start (or continue) the run folder: lock, temp files, config.json, meta.json, the log writer."""
     out.mkdir(parents=True, exist_ok=True)
     lock = lock_run_folder(out)
@@ -288,7 +289,8 @@ def _open(out: Path, cfg: DistillConfig, info: Any, kept: list[bytes], first: in
             meta["resumes"] = list(meta.get("resumes") or []) + [{"from_step": first, "steps": cfg.steps,
                                                                  "time": time.time(), **now}]
             atomic_write_json(meta_path, meta)
-        return LogWriter(out / "log.jsonl", kept if first else [], lock, out / "times.jsonl", [])
+        times = resume_times(out / "times.jsonl", [r["step"] for r in records]) if first else []
+        return LogWriter(out / "log.jsonl", kept if first else [], lock, out / "times.jsonl", times)
     except BaseException:
         if lock is not None:
             lock.close()

@@ -233,7 +233,7 @@ def plan_resume(out: Path, cfg: TrainConfig, header: dict[str, Any], model_like:
     elapsed = loop.get("elapsed_s", 0.0)
     res.elapsed_s = float(elapsed) if isinstance(elapsed, (int, float)) and math.isfinite(elapsed) else 0.0
     res.log_lines, res.records = resume_log(out / "log.jsonl", loop, step, cfg)
-    res.time_lines = _resume_times(out / "times.jsonl", [r["step"] for r in res.records])
+    res.time_lines = resume_times(out / "times.jsonl", [r["step"] for r in res.records])
     return res
 
 
@@ -330,7 +330,7 @@ def resume_log(path: Path, loop: dict[str, Any], c: int, cfg: Any) -> tuple[list
     return lines, records
 
 
-def _resume_times(path: Path, steps: list[int]) -> list[bytes]:
+def resume_times(path: Path, steps: list[int]) -> list[bytes]:
     """The lines of ``times.jsonl`` a resumed run keeps: one per kept log step, in order.
 
     Wall-clock times are not part of what a run reproduces, so this never refuses: a missing,

@@ -149,6 +149,8 @@ def test_run_log_summary_resume_after_interrupt_and_changed_weights(tmp_path, ca
     assert [s for s, _ in list_checkpoints(tmp_path / "b")] == [2]
     relufy(cfg, tmp_path / "b", resume=True, progress=False)
     assert (tmp_path / "a" / "log.jsonl").read_bytes() == (tmp_path / "b" / "log.jsonl").read_bytes()
+    times = [json.loads(x)["step"] for x in (tmp_path / "b" / "times.jsonl").read_text().splitlines()]
+    assert times == [0, 2, 3]  # the time of step 0 survives the resume
     ha, hb = (read_header(list_checkpoints(tmp_path / d)[-1][1]) for d in ("a", "b"))
     assert ha["step"] == hb["step"] == 4 and ha["payload_sha256"] == hb["payload_sha256"]
     sb = json.loads((tmp_path / "b" / "summary.json").read_text())
