@@ -13,3 +13,16 @@ def path_arg(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"must be a file or folder path, got {text!r} (empty); "
                                          "write . for the current folder")
     return Path(text)
+
+
+def check_run_out(out: Path, *, resume: bool, overwrite: bool, skip_damaged: bool = False) -> None:
+    """The checks every command that writes a run folder makes of ``--out`` and its flags, before
+    anything is read: --out is a folder (or absent), --resume and --overwrite exclude each other,
+    --skip-damaged needs --resume."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: --resume continues the run in --out and "
+                         "--overwrite replaces it; give one of them")
+    if skip_damaged and not resume:
+        raise ValueError("--skip-damaged applies to --resume only")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from gradsparse._validate import check_float, check_int
 from gradsparse.checkpoint import load_model, resolve
-from gradsparse.commands import path_arg
+from gradsparse.commands import check_run_out, path_arg
 from gradsparse.commands.train import run_summary
 from gradsparse.config import INT_BOUNDS, TrainConfig
 from gradsparse import data
@@ -180,10 +180,7 @@ def run_hf(args: argparse.Namespace) -> int:
     if args.skip_damaged:
         raise ValueError("--skip-damaged applies to a gradsparse checkpoint only, not to a Hugging Face folder")
     out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
-    if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite exclude each other")
+    check_run_out(out, resume=args.resume, overwrite=args.overwrite)
     folder = args.checkpoint.resolve()
     if out.resolve() == folder or out.resolve().is_relative_to(folder):
         raise ValueError(f"--out {out} lies inside the model folder {folder}; choose a folder outside it")
@@ -224,12 +221,7 @@ def run(args: argparse.Namespace) -> int:
     mods = parse_modules(args.modules)
     check_flags(args)
     out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
-    if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite exclude each other")
-    if args.skip_damaged and not args.resume:
-        raise ValueError("--skip-damaged applies to --resume only")
+    check_run_out(out, resume=args.resume, overwrite=args.overwrite, skip_damaged=args.skip_damaged)
     ckpt = resolve(args.checkpoint)
     refuse_out_in_source(out, ckpt)
     if not (args.overwrite or args.resume):

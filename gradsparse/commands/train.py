@@ -27,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-from gradsparse.commands import path_arg
+from gradsparse.commands import check_run_out, path_arg
 from gradsparse.config import MODELS, NOISE_KINDS, OPTIMIZERS, SCHEDULES, TrainConfig, check_resumable
 from gradsparse import data
 from gradsparse.data import DATASETS
@@ -134,12 +134,7 @@ def resume_config(args: argparse.Namespace, out: Path) -> TrainConfig | None:
 
 def run(args: argparse.Namespace) -> int:
     out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
-    if args.resume and args.overwrite:
-        raise ValueError("--resume continues the run in --out and --overwrite replaces it; give one of them")
-    if args.skip_damaged and not args.resume:
-        raise ValueError("--skip-damaged applies to --resume only")
+    check_run_out(out, resume=args.resume, overwrite=args.overwrite, skip_damaged=args.skip_damaged)
     cfg = (resume_config(args, out) if args.resume else None) or config_from_args(args)
     if not (args.overwrite or args.resume):
         refuse_existing_run(out)
