@@ -45,22 +45,16 @@ def _unlink_quietly(tmp: str) -> None:
         pass
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename).
-
-    Raises OSError naming ``path`` (see the module docstring); ``path`` is then unchanged.
-    """
-    path = Path(path)
+def _replace_atomically(path: Path, prefix: str, suffix: str, fill: Callable[[int, str], None]) -> Path:
+    """Create a temp file ``prefix*suffix`` beside ``path``, let ``fill(fd, tmp)`` write it (and
+    close ``fd``), then rename it onto ``path``; on any failure the temp file is removed and an
+    OSError names ``path`` (see the module docstring)."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
         try:
-            os.fchmod(fd, _MODE)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            fill(fd, tmp)
             os.replace(tmp, path)
         except BaseException:
             _unlink_quietly(tmp)
@@ -71,6 +65,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             raise
         raise new from e
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename).
+
+    Raises OSError naming ``path`` (see the module docstring); ``path`` is then unchanged.
+    """
+    path = Path(path)
+
+    def fill(fd: int, tmp: str) -> None:
+        os.fchmod(fd, _MODE)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return _replace_atomically(path, f".{path.name}.", ".tmp", fill)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -90,24 +101,13 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], None]) ->
     equinox serialisation). The temp name keeps the final suffix so format detection works.
     """
     path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+
+    def fill(fd: int, tmp: str) -> None:
         os.close(fd)
-        try:
-            writer(tmp)
-            os.chmod(tmp, _MODE)
-            os.replace(tmp, path)
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
-    except OSError as e:
-        new = with_target(e, path, tmp)
-        if new is e:
-            raise
-        raise new from e
-    return path
+        writer(tmp)
+        os.chmod(tmp, _MODE)
+
+    return _replace_atomically(path, f".{path.stem}.", path.suffix, fill)
 
 
 def json_ready(o: Any) -> Any:
