@@ -101,6 +101,123 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
+@dataclass
+class Prepared:
+    """Everything one run needs before anything is written (:func:`prepare`): data, keys, model,
+    optimizer and its state (resumed when a plan says so), batches, header and resume plan."""
+
+    cfg: TrainConfig
+    out: Path | None
+    ds: Dataset
+    info: DataInfo
+    keys: RunKeys
+    dp: DataParallel
+    built: Built
+    optimizer: Any
+    acc: Any
+    model: Any
+    state: Any
+    batcher: Batcher
+    heldout: tuple[Any, Any]
+    fixed: tuple[Any, Any] | None
+    label_key: Any
+    header: dict[str, Any]
+    plan: Resume
+
+    def batch(self, t: int) -> tuple[Any, Any]:
+        """The training batch of step ``t`` (host arrays), with the run's label noise."""
+        x, y = self.batcher(t)
+        if self.cfg.label_noise:
+            y = noisy_labels(y, jax.random.fold_in(self.label_key, t), self.cfg.label_noise, self.ds.num_classes)
+        return x, y
+
+    def chunk_batch(self, t: int, n: int) -> tuple[Any, Any]:
+        """The batches of steps ``t .. t+n-1`` stacked, (n, B, ...), as device arrays: the same
+        examples and labels as ``n`` calls of :meth:`batch`."""
+        xs, ys = self.batcher.chunk(t, n)
+        ys = jnp.asarray(ys)
+        if self.cfg.label_noise:
+            ys = jnp.stack([noisy_labels_device(ys[i], jax.random.fold_in(self.label_key, t + i),
+                                                self.cfg.label_noise, self.ds.num_classes) for i in range(n)])
+        return jnp.asarray(xs), ys
+
+
+def prepare(cfg: TrainConfig, out: Path | None, dataset: Dataset | None, start: Built | None, *,
+            resume: bool = False, skip_damaged: bool = False, devices: int | None = None) -> Prepared:
+    """The setup of one run of ``cfg`` (validated; nothing written): the dataset (``dataset`` or
+    ``load_dataset``), :class:`RunKeys` of the seed, data parallelism, the memory check, the model
+    (``start`` or :func:`build`), optimizer state, training batcher, held-out batch (SPEC 2), the
+    fixed flatness subset, the header of the run folder and the resume plan. ``devices`` overrides
+    the device count the memory check assumes (default: that of the data parallelism)."""
+    ds = dataset if dataset is not None else load_dataset(cfg.data, seed=cfg.seed, path=cfg.data_path,
+                                                          n_train=cfg.n_train, n_test=cfg.n_test)
+    info = DataInfo.of(ds)
+    keys = RunKeys.of(cfg.seed)
+    dp = DataParallel.auto(cfg.batch_size, enabled=cfg.data_parallel)
+    check_fits(cfg, info, start, devices=dp.n_devices if devices is None else devices)
+    built = start if start is not None else build(cfg, info, keys.model)
+    model = built.model
+    optimizer = make_optimizer(cfg)
+    acc = make_accumulator(cfg, model)
+    state = init_state(cfg, built, optimizer, acc)
+    batcher = Batcher(ds, keys.data, cfg.batch_size, cfg.seq_len)
+    heldout = heldout_batch(ds, cfg.eval_batch, cfg.seq_len, keys.heldout)
+    if cfg.flatness_subset and ds.kind != "text" and cfg.flatness_subset > ds.n_train:
+        raise ValueError(f"flatness_subset: {cfg.flatness_subset} exceeds the {ds.n_train} training examples; "
+                         f"allowed: at most {ds.n_train}")
+    fixed = None
+    if cfg.flatness_subset:  # a FIXED training subset for flatness and the monitors compared with it
+        fixed = (Batcher(ds, keys.data, cfg.flatness_subset, cfg.seq_len)(0) if ds.kind == "text"
+                 else (ds.x_train[:cfg.flatness_subset], ds.y_train[:cfg.flatness_subset]))
+    label_key = jax.random.fold_in(keys.data, LABEL_NOISE_TAG)
+    header = {"config": cfg.to_dict(), "data_info": info.to_dict()}
+    if out is not None:
+        header["data_sha256"] = data_sha256(ds)
+    plan = plan_resume(out, cfg, header, model, state, skip_damaged=skip_damaged) if resume else Resume()
+    if plan.checkpoint is not None:
+        model, state = plan.model, plan.state
+    return Prepared(cfg, out, ds, info, keys, dp, built, optimizer, acc, model, state, batcher, heldout, fixed,
+                    label_key, header, plan)
+
+
+def flat_step(s: int, cfg: TrainConfig) -> bool:
+    """Whether logged step ``s`` also estimates flatness: every ``flatness_every`` steps and the last."""
+    return bool(cfg.flatness_every) and (s % cfg.flatness_every == 0 or s == cfg.steps - 1)
+
+
+def fuse_until(t: int, cfg: TrainConfig) -> int:
+    """Where the plain steps from ``t`` (not a logged step) must stop fusing, on the absolute
+    step grid: the next logged step, or the next checkpoint (after that many updates)."""
+    nxt = min((t // cfg.log_every + 1) * cfg.log_every, cfg.steps - 1)
+    if cfg.checkpoint_every:
+        nxt = min(nxt, (t // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
+    return nxt
+
+
+def record(cfg: TrainConfig, s: int, metrics: dict[str, Any], ev: dict[str, Any], ef: dict[str, Any] | None,
+           fl: dict[str, Any] | None, cov: dict[str, Any] | None, heldout_n: int, fixed_n: int | None
+           ) -> dict[str, Any]:
+    """The log line of logged step ``s``: the step's ``metrics`` (loss, accuracy, grad_norm and
+    per-layer monitors of its batch, under ``train/``), the held-out evaluation ``ev`` (under
+    ``heldout/``), the fixed subset's ``ef`` (``fixed/``), the flatness estimates ``fl``
+    (``flat/``) and the covariance metrics ``cov``; the ``lr`` of the schedule at ``s``."""
+    rec = {"step": s, "loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]),
+           "grad_norm": float(metrics["grad_norm"]), "lr": float(make_schedule(cfg)(s)), "batch_size": cfg.batch_size}
+    rec.update(summarize(metrics["layers"], "train"))
+    rec.update({"heldout/loss": float(ev["loss"]), "heldout/accuracy": float(ev["accuracy"]),
+                "heldout_batch_size": heldout_n})
+    rec.update(summarize(ev["layers"], "heldout"))
+    if ef is not None:
+        rec.update({"fixed/loss": float(ef["loss"]), "fixed/accuracy": float(ef["accuracy"]),
+                    "fixed_batch_size": fixed_n})
+        rec.update(summarize(ef["layers"], "fixed"))
+    if fl is not None:
+        rec.update({f"flat/{k}": float(v) for k, v in fl.items()})
+    if cov is not None:
+        rec.update(cov)
+    return rec
+
+
 def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset: Dataset | None = None,
           start: Built | None = None, progress: bool = True,
           on_log: Callable[[dict[str, Any]], None] | None = None, resume: bool = False,
@@ -150,34 +267,10 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
         if stored is not None and stored.surgery:
             raise ValueError(f"{out} holds a finetuning run (its config.json records surgery); use "
                              "gradsparse finetune --resume with the arguments it was started with")
-    ds = dataset if dataset is not None else load_dataset(cfg.data, seed=cfg.seed, path=cfg.data_path,
-                                                          n_train=cfg.n_train, n_test=cfg.n_test)
-    info = DataInfo.of(ds)
-    keys = RunKeys.of(cfg.seed)
-    dp = DataParallel.auto(cfg.batch_size, enabled=cfg.data_parallel)
-    check_fits(cfg, info, start, devices=dp.n_devices)
-    built = start if start is not None else build(cfg, info, keys.model)
-    model, trainable = built.model, built.trainable
-    optimizer = make_optimizer(cfg)
-    acc = make_accumulator(cfg, model)
-    state = init_state(cfg, built, optimizer, acc)
-    batcher = Batcher(ds, keys.data, cfg.batch_size, cfg.seq_len)
-    xe, ye = heldout_batch(ds, cfg.eval_batch, cfg.seq_len, keys.heldout)
-    if cfg.flatness_subset and ds.kind != "text" and cfg.flatness_subset > ds.n_train:
-        raise ValueError(f"flatness_subset: {cfg.flatness_subset} exceeds the {ds.n_train} training examples; "
-                         f"allowed: at most {ds.n_train}")
-    fixed = None
-    if cfg.flatness_subset:  # a FIXED training subset for flatness and the monitors compared with it
-        fixed = (Batcher(ds, keys.data, cfg.flatness_subset, cfg.seq_len)(0) if ds.kind == "text"
-                 else (ds.x_train[:cfg.flatness_subset], ds.y_train[:cfg.flatness_subset]))
-    label_key = jax.random.fold_in(keys.data, LABEL_NOISE_TAG)
-    header = {"config": cfg.to_dict(), "data_info": info.to_dict()}
-    if out is not None:
-        header["data_sha256"] = data_sha256(ds)
-    plan = plan_resume(out, cfg, header, model, state, skip_damaged=skip_damaged) if resume else Resume()
-    if plan.checkpoint is not None:
-        model, state = plan.model, plan.state
-    first = plan.step
+    run = prepare(cfg, out, dataset, start, resume=resume, skip_damaged=skip_damaged)
+    ds, keys, dp, built, trainable = run.ds, run.keys, run.dp, run.built, run.built.trainable
+    optimizer, acc, fixed, header, plan = run.optimizer, run.acc, run.fixed, run.header, run.plan
+    model, state, (xe, ye), first = run.model, run.state, run.heldout, plan.step
 
     model, state = dp.replicate(model), dp.replicate(state)
     xe, ye = dp.put_batch(xe), dp.put_batch(ye)
@@ -189,7 +282,6 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
     step_chunk = make_train_chunk(optimizer, trainable, built.projections, accumulator=acc) if fuse > 1 else None
     evaluate = make_eval_fn(trainable)
     flat = flatness_fn(trainable, cfg.flatness_probes) if cfg.flatness_every else None
-    sched = make_schedule(cfg)
 
     # ------------------------------------------------------------ writing starts here
     log = open_run(out, cfg, header, plan) if out is not None else None
@@ -230,18 +322,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
         return TrainingInterrupted(done, cfg.steps, last_ckpt, False, out, why)
 
     def batch(t: int) -> tuple[Any, Any]:
-        x, y = batcher(t)
-        if cfg.label_noise:
-            y = noisy_labels(y, jax.random.fold_in(label_key, t), cfg.label_noise, ds.num_classes)
+        x, y = run.batch(t)
         return dp.put_batch(x), dp.put_batch(y)
-
-    def chunk_batch(t: int, n: int) -> tuple[Any, Any]:
-        xs, ys = batcher.chunk(t, n)
-        ys = jnp.asarray(ys)
-        if cfg.label_noise:
-            ys = jnp.stack([noisy_labels_device(ys[i], jax.random.fold_in(label_key, t + i), cfg.label_noise,
-                                                ds.num_classes) for i in range(n)])
-        return jnp.asarray(xs), ys
 
     def plain(m: Any, st: Any, t: int) -> tuple[Any, Any, Any]:
         x, y = batch(t)
@@ -275,14 +357,6 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
         raise TrainingDiverged(bad, locate_nonfinite(m, trainable, jnp.asarray(x), jnp.asarray(y),
                                                      jax.random.fold_in(keys.noise, bad)), last_ckpt)
 
-    def boundary(t: int) -> int:
-        """Where the plain steps from ``t`` (not a logged step) must stop fusing, on the absolute
-        step grid: the next logged step, or the next checkpoint (after that many updates)."""
-        nxt = min((t // cfg.log_every + 1) * cfg.log_every, cfg.steps - 1)
-        if cfg.checkpoint_every:
-            nxt = min(nxt, (t // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
-        return nxt
-
     pending: list[tuple[int, int, Any]] = []  # (step, chunk length or 0 for one step, finite flag / bad step)
     seg = cur  # the last state whose steps are all checked finite
     try:
@@ -296,25 +370,16 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
                 if not bool(finite):
                     where = locate_nonfinite(model, trainable, jnp.asarray(x), jnp.asarray(y), key)
                     raise TrainingDiverged(s, where, last_ckpt)
-                rec = {"step": s, "loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]),
-                       "grad_norm": float(metrics["grad_norm"]), "lr": float(sched(s)), "batch_size": cfg.batch_size}
-                elapsed = round(time.time() - t0, 3)
-                rec.update(summarize(metrics["layers"], "train"))
                 ev = evaluate(model, xe, ye)
-                rec.update({"heldout/loss": float(ev["loss"]), "heldout/accuracy": float(ev["accuracy"]),
-                            "heldout_batch_size": int(xe.shape[0])})
-                rec.update(summarize(ev["layers"], "heldout"))
-                if fixed is not None:
-                    ef = evaluate(model, *fixed)
-                    rec.update({"fixed/loss": float(ef["loss"]), "fixed/accuracy": float(ef["accuracy"]),
-                                "fixed_batch_size": int(fixed[0].shape[0])})
-                    rec.update(summarize(ef["layers"], "fixed"))
-                if flat is not None and (s % cfg.flatness_every == 0 or s == cfg.steps - 1):
+                ef = evaluate(model, *fixed) if fixed is not None else None
+                fl = None
+                if flat is not None and flat_step(s, cfg):
                     fx, fy = fixed if fixed is not None else (jnp.asarray(x), jnp.asarray(y))
                     fl = flat(model, fx, fy, jax.random.fold_in(keys.flatness, s))
-                    rec.update({f"flat/{k}": float(v) for k, v in fl.items()})
-                if acc is not None:
-                    rec.update(covariance.log_metrics(acc, new_state[1], cfg.batch_size, s + 1))
+                cov = covariance.log_metrics(acc, new_state[1], cfg.batch_size, s + 1) if acc is not None else None
+                rec = record(cfg, s, metrics, ev, ef, fl, cov, int(xe.shape[0]),
+                             int(fixed[0].shape[0]) if fixed is not None else None)
+                elapsed = round(time.time() - t0, 3)
                 history.append(rec)
                 if log is not None:
                     log.write(rec, time=elapsed)
@@ -324,10 +389,10 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
                 done = 1
                 cur = seg = (s + 1, new_model, new_state)
             else:  # plain steps up to the next boundary: fused chunks of `fuse` steps, then single steps
-                n = boundary(s) - s
+                n = fuse_until(s, cfg) - s
                 if fuse > 1 and n >= fuse:
                     n = fuse
-                    xs, ys = chunk_batch(s, n)
+                    xs, ys = run.chunk_batch(s, n)
                     new_model, new_state, bad = step_chunk(model, state, xs, ys, keys.noise, jnp.asarray(s, jnp.int32))
                     pending.append((s, n, bad))
                 else:
@@ -353,15 +418,17 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
         if log is not None:
             log.close()
     try:
-        return _finish(cfg, out, ds, keys, model, state, acc, history, t0)
+        return finish_run(cfg, out, ds, keys, model, state, acc, history, t0)
     except KeyboardInterrupt:
         raise TrainingInterrupted(cfg.steps, cfg.steps, last_ckpt, out is not None, out) from None
 
 
-def _finish(cfg: TrainConfig, out: Path | None, ds: Dataset, keys: RunKeys, model: Any, state: Any, acc: Any,
-            history: list[dict[str, Any]], t0: float) -> RunResult:
-    """The final evaluation, ``summary.json`` (and ``covariance.npz``) of a completed run."""
+def finish_run(cfg: TrainConfig, out: Path | None, ds: Dataset, keys: RunKeys, model: Any, state: Any, acc: Any,
+            history: list[dict[str, Any]], t0: float, extra: dict[str, Any] | None = None) -> RunResult:
+    """The final evaluation, ``summary.json`` (and ``covariance.npz``) of a completed run;
+    ``extra`` is added to the summary."""
     final = final_eval(model, ds, cfg.seq_len, keys.heldout)
+    final.update(extra or {})
     final["train_time_s"] = round(time.time() - t0, 3)
     final["steps"] = cfg.steps
     if history:

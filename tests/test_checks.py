@@ -262,6 +262,8 @@ def test_context_validates():
         Context(preset="big")
     with pytest.raises(ValueError, match="seeds"):
         Context(seeds=[])
+    with pytest.raises(ValueError, match="vmap_seeds.*auto, on, off"):
+        Context(vmap_seeds="yes")
 
 
 # ------------------------------------------------------------------------------------------ smoke suite
@@ -300,6 +302,11 @@ def test_every_check_runs_in_smoke_and_is_well_formed(smoke_report):
             assert (out / f).is_file()
     md = (out / "report.md").read_text()
     assert "| Claim | Prediction | Measured | Verdict | Figures |" in md
+    # the smoke models are small: their seeds train together (auto), and the report says where
+    from theory_checks.report import VMAP_NOTE
+    assert data["vmap_seeds"] == "auto" and "Seeds trained together with jax.vmap (`--vmap-seeds auto`)" in md
+    together = {r["name"] for r in results if any(n.startswith(VMAP_NOTE) for n in r["notes"])}
+    assert {"G3", "G5", "G12"} <= together and "G1" not in together
     for r in results:
         assert f"| {r['name']} " in md and f"### {r['name']}:" in md
 

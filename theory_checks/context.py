@@ -5,6 +5,12 @@ Seeds: seed s changes the model initialisation, the batch order and the noise of
 compare like with like. Runs are cached per (config, tag) inside one :class:`Context`: checks that
 study the same baseline (G3, G4, G7, G8, G9, G13, G14) share its runs instead of repeating them.
 Every run is built by :mod:`gradsparse.factory` (through :func:`gradsparse.train.train`).
+
+Seed groups: :meth:`Context.seed_runs` trains the seeds of one config together
+(:func:`gradsparse.train_seeds.train_seeds`, one ``jax.vmap``) when ``vmap_seeds`` is "on", or
+"auto" and :func:`gradsparse.train_seeds.worth_vmapping` says it measured faster (CPU: MLP width
+<= 64, byte LM width <= 32; any accelerator). Such runs equal one-at-a-time runs up to float
+rounding; the report names them (:meth:`Context.vmapped_since`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from gradsparse.factory import Built, RunKeys, build
 from gradsparse.io import atomic_write_with
 from gradsparse.runtime import cache_root, release_compiled_code
 from gradsparse.train import train
+from gradsparse.train_seeds import SEEDS_KEY, train_seeds, worth_vmapping
 from theory_checks.protocol import PRESETS, Unavailable
 
 
@@ -74,19 +81,27 @@ def load_data(name: str, *, n_train: int | None = None, n_test: int | None = Non
         raise Unavailable(f"dataset {name} unavailable: {e}") from None
 
 
+#: the settings of :attr:`Context.vmap_seeds`
+VMAP_SEEDS = ("auto", "on", "off")
+
+
 @dataclass
 class Context:
     """What a check runs in: preset, seeds, output folder, shared run cache, log function.
 
     ``out_dir`` (or None): run folders go to ``out_dir/runs/<tag>-<hash>-s<seed>``.
+    ``vmap_seeds``: "auto" (default), "on" or "off": whether :meth:`seed_runs` trains a config's
+    seeds together (see the module docstring).
     """
 
     preset: str = "quick"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     out_dir: Path | None = None
     log: Callable[[str], None] = lambda msg: None
+    vmap_seeds: str = "auto"
     _runs: dict[str, Any] = field(default_factory=dict, repr=False)
     _data: dict[tuple, Any] = field(default_factory=dict, repr=False)
+    _used: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -95,6 +110,8 @@ class Context:
             raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {self.seeds!r}")
         if self.out_dir is not None:
             self.out_dir = Path(self.out_dir)
+        if self.vmap_seeds not in VMAP_SEEDS:
+            raise ValueError(f"vmap_seeds: got {self.vmap_seeds!r}; allowed: {', '.join(VMAP_SEEDS)}")
 
     def data(self, name: str, n_train: int | None = None, n_test: int | None = None):
         key = (name, n_train, n_test)
@@ -110,23 +127,64 @@ class Context:
         whose ``surgery`` names the modules. Returns the :class:`gradsparse.train.RunResult`.
         """
         cfg = cfg.validate()
-        digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
-        key = f"{tag}-{digest}-s{cfg.seed}"
+        key = self._key(cfg, tag)
+        self._used.append(key)
         if cache and key in self._runs:
             return self._runs[key]
         ds = self.data(cfg.data, cfg.n_train, cfg.n_test)
-        run_dir = self.out_dir / "runs" / key if self.out_dir is not None else None
         t0 = time.time()
-        res = train(cfg, run_dir, dataset=ds, start=start, progress=False)
+        res = train(cfg, self._run_dir(key), dataset=ds, start=start, progress=False)
         self.log(f"  trained {key}: {cfg.steps} steps in {time.time() - t0:.1f}s")
         release_compiled_code()
         if cache:
             self._runs[key] = res
         return res
 
+    @staticmethod
+    def _key(cfg: TrainConfig, tag: str) -> str:
+        digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+        return f"{tag}-{digest}-s{cfg.seed}"
+
+    def _run_dir(self, key: str) -> Path | None:
+        return self.out_dir / "runs" / key if self.out_dir is not None else None
+
+    def together(self, cfg: TrainConfig) -> bool:
+        """Whether :meth:`seed_runs` trains the seeds of ``cfg`` as one vmapped group."""
+        if self.vmap_seeds == "auto":
+            return worth_vmapping(cfg)
+        return self.vmap_seeds == "on"
+
     def seed_runs(self, cfg: Any, tag: str, **kw: Any) -> list[Any]:
-        """One run of ``cfg`` per seed of this context."""
-        return [self.train(cfg.replace(seed=s), tag, **kw) for s in self.seeds]
+        """One run of ``cfg`` per seed of this context: the seeds not cached yet trained together
+        (:func:`gradsparse.train_seeds.train_seeds`) when :meth:`together` says so and no
+        ``start`` or ``cache=False`` is given, else one after the other."""
+        cfgs = [cfg.replace(seed=s).validate() for s in self.seeds]
+        todo = [c for c in cfgs if self._key(c, tag) not in self._runs]
+        if len(todo) >= 2 and kw.get("start") is None and kw.get("cache", True) and self.together(cfgs[0]):
+            keys = [self._key(c, tag) for c in todo]
+            t0 = time.time()
+            results = train_seeds(todo, [self._run_dir(k) for k in keys],
+                                  dataset=self.data(cfg.data, cfg.n_train, cfg.n_test))
+            self.log(f"  trained {tag} seeds {[c.seed for c in todo]} together (vmap): "
+                     f"{cfg.steps} steps in {time.time() - t0:.1f}s")
+            release_compiled_code()
+            self._runs.update(zip(keys, results))
+        return [self.train(c, tag, **kw) for c in cfgs]
+
+    def vmapped_since(self, mark: int) -> list[str]:
+        """The run tags used since ``mark`` (a :meth:`mark`) whose seeds were trained together; a
+        check's report names them."""
+        out: list[str] = []
+        for key in self._used[mark:]:
+            run = self._runs.get(key)
+            name = key.rsplit("-", 2)[0]  # the tag: without "-<config hash>-s<seed>"
+            if run is not None and run.final.get(SEEDS_KEY) and name not in out:
+                out.append(name)
+        return out
+
+    def mark(self) -> int:
+        """A position in the record of runs used (for :meth:`vmapped_since`)."""
+        return len(self._used)
 
 
 #: The baseline run several checks share (G3, G4, G7, G8, G9, G13, G14; vanilla of G10/G11): a

@@ -34,6 +34,11 @@ def _names(v: Any) -> str:
     return ", ".join(str(x) for x in v) if v else "none"
 
 
+#: the note of a check whose runs had their seeds trained together (jax.vmap)
+VMAP_NOTE = ("seeds trained together with jax.vmap (equal to one-at-a-time training up to float rounding; "
+             "`--vmap-seeds off` trains them one at a time)")
+
+
 def render_markdown(results: Sequence[Any], meta: dict[str, Any]) -> str:
     """The report.md text for a list of :class:`theory_checks.protocol.CheckResult`."""
     counts = {v: sum(1 for r in results if r.verdict == v) for v in ("PASS", "FAIL", "INCONCLUSIVE")}
@@ -53,6 +58,11 @@ def render_markdown(results: Sequence[Any], meta: dict[str, Any]) -> str:
         + (f", crashed {len(crashed)}" if crashed else "") + ".",
         "",
     ]
+    together = [r.name for r in results if any(n.startswith(VMAP_NOTE) for n in r.notes)]
+    if together:
+        lines += [f"Seeds trained together with jax.vmap (`--vmap-seeds {meta.get('vmap_seeds', 'auto')}`) in the runs "
+                  f"of {_names(together)}: equal to one-at-a-time training up to float rounding; each check's notes "
+                  "name its runs, and `--vmap-seeds off` trains every seed alone.", ""]
     requested = meta.get("requested")
     not_run = meta.get("not_run") or []
     done = [n for n in (requested or []) if n not in not_run]

@@ -17,7 +17,7 @@ from gradsparse.runfolder import versions
 from gradsparse.runtime import enable_compilation_cache
 from theory_checks.context import Context
 from theory_checks.protocol import Check, CheckResult, Finding, Unavailable
-from theory_checks.report import SMOKE_NOTE, write_report
+from theory_checks.report import SMOKE_NOTE, VMAP_NOTE, write_report
 from theory_checks.verdicts import Verdict, gated
 
 
@@ -30,6 +30,7 @@ def run_check(check: Check, ctx: Context, *, fig_dir: Path | None = None) -> Che
     """
     params = check.params(ctx.preset)
     t0 = time.time()
+    mark = ctx.mark()
     try:
         finding = check.run(ctx, params)
     except Unavailable as e:
@@ -45,12 +46,16 @@ def run_check(check: Check, ctx: Context, *, fig_dir: Path | None = None) -> Che
             except ValueError:
                 figs.append(str(p))
     v = gated(finding.verdict, finding.gates)
+    together = ctx.vmapped_since(mark)
+    notes = list(finding.notes)
+    if together:
+        notes.append(f"{VMAP_NOTE}: {', '.join(together)}")
     return CheckResult(
         name=check.name, slug=check.slug, title=check.title, claim=check.claim, rule=check.rule, preset=ctx.preset,
         seeds=list(ctx.seeds), verdict=v.verdict, agree=v.agree, n=v.n, reason=v.reason, measured=finding.measured,
         per_seed={k: [float(x) for x in vals] for k, vals in finding.per_seed.items()},
         numbers={k: float(x) for k, x in finding.numbers.items()},
-        parts={k: p.to_dict() for k, p in finding.parts.items()}, notes=list(finding.notes), figures=figs,
+        parts={k: p.to_dict() for k, p in finding.parts.items()}, notes=notes, figures=figs,
         elapsed_s=round(time.time() - t0, 2), series=finding.series, gates=[g.to_dict() for g in finding.gates],
         model=finding.model)
 
@@ -123,8 +128,8 @@ def _claim_order(name: str) -> int:
 
 
 def run_checks(checks: Sequence[Any], preset: str, out: Path, seeds: list[int], *, progress: bool = True,
-               echo: bool = True, previous: Sequence[CheckResult] = (), previous_meta: dict[str, Any] | None = None
-               ) -> tuple[list[Any], bool]:
+               echo: bool = True, previous: Sequence[CheckResult] = (), previous_meta: dict[str, Any] | None = None,
+               vmap_seeds: str = "auto") -> tuple[list[Any], bool]:
     """Run ``checks`` into ``out``; returns (results of this call, any_crashed). Writes the report
     after each check.
 
@@ -133,13 +138,15 @@ def run_checks(checks: Sequence[Any], preset: str, out: Path, seeds: list[int], 
     results — checks not run now are kept, each check run now replaces its earlier result (and
     the report says which were kept and which replaced). On Ctrl-C the report is written marked
     interrupted, listing the checks that did not run, and :class:`ChecksInterrupted` is raised.
+    ``vmap_seeds`` ("auto", "on", "off"): :attr:`theory_checks.context.Context.vmap_seeds`.
     """
     enable_compilation_cache()
     out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(preset=preset, seeds=seeds, out_dir=out)
+    ctx = Context(preset=preset, seeds=seeds, out_dir=out, vmap_seeds=vmap_seeds)
     started = _dt.datetime.now().isoformat(timespec="seconds")
     meta: dict[str, Any] = {"preset": preset, "seeds": seeds, "started": started, "versions": versions(),
-                            "wall_s": 0.0, "command": " ".join(sys.argv), "requested": [c.name for c in checks]}
+                            "wall_s": 0.0, "command": " ".join(sys.argv), "requested": [c.name for c in checks],
+                            "vmap_seeds": vmap_seeds}
     earlier = {r.name: r for r in previous}
     prev_started = dict((previous_meta or {}).get("started_of") or {})
     started_of = {n: prev_started.get(n, (previous_meta or {}).get("started", "?")) for n in earlier}

@@ -54,6 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the report in --out instead of merging into it")
     p.add_argument("--list", action="store_true", help="list the checks with their claims and exit")
+    p.add_argument("--vmap-seeds", choices=("auto", "on", "off"), default="auto",
+                   help="train the seeds of one config together with jax.vmap: auto (default) where that measured "
+                        "faster (CPU: MLP width <= 64, byte LM width <= 32; any accelerator), on, or off (one seed "
+                        "after the other); equal up to float rounding, and the report names the runs trained so")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-check lines")
 
 
@@ -118,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     interactive = sys.stderr.isatty()
     t0 = time.time()
     results, crashed = run_checks(checks, args.preset, out, seeds, progress=not args.quiet and interactive,
-                                  echo=not args.quiet, previous=previous, previous_meta=prev_meta)
+                                  echo=not args.quiet, previous=previous, previous_meta=prev_meta,
+                                  vmap_seeds=args.vmap_seeds)
     counts = {v: sum(1 for r in results if r.verdict == v and not r.error) for v in ("PASS", "FAIL", "INCONCLUSIVE")}
     merged = f" (merged: the report holds {len({r.name for r in [*previous, *results]})} checks)" if previous else ""
     smoke = " [smoke: a code-path test, not evidence]" if args.preset == "smoke" else ""

@@ -1,0 +1,295 @@
+"""Seeds trained together: S runs that differ only in their seed, as ONE ``jax.vmap``-ed loop.
+
+:func:`train_seeds` writes every seed's run folder as :func:`gradsparse.train.train` would (config,
+meta, ``log.jsonl`` with the same records: held-out and fixed-subset monitors, flatness,
+covariance metrics; checkpoints on the same grid; ``summary.json``), but each jitted call (the
+monitored step, the fused plain steps, the held-out evaluation, the Hutchinson traces) runs the S
+models at once over a leading seed axis. Every random draw is still the seed's own
+(:class:`gradsparse.factory.RunKeys`: model, data order, noise, flatness probes, held-out batch).
+
+Equal to one-at-a-time training up to float rounding, not bit for bit: the vmapped matmuls are
+batched kernels whose sums XLA may order differently, and training amplifies ulp differences.
+``tests/test_train_seeds.py`` bounds the difference; ``summary.json`` of each run records
+``trained_with_seeds`` (the S seeds of the group), so a report can name the runs trained this way.
+
+Worth it where one model leaves the machine idle: per-step fixed cost dominates at small widths
+on a CPU (measured with ``benchmarks/bench_fused.py``, 3 seeds on 2 cores: 1.39x per model-step at
+width 64, 1.18x for the byte LM at width 32, 1.00x at width 128 and 512) and on an accelerator
+(not measured here). :func:`worth_vmapping` is that rule.
+
+Not resumable as a group: ``resume`` is not offered (a seed's folder can be continued alone by
+``gradsparse train --resume``, which continues it one seed at a time). A NaN/inf in any seed
+stops the group, and every seed is then trained again one at a time by
+:func:`gradsparse.train.train`, which raises :class:`gradsparse.train.TrainingDiverged` naming the
+step and the block exactly as it always does.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from gradsparse import covariance
+from gradsparse.config import TrainConfig
+from gradsparse.data import Dataset
+from gradsparse.memory import available_memory, estimate, fmt_bytes
+from gradsparse.runfolder import logged, open_run
+from gradsparse.step import flatness_fn, make_eval_fn, make_train_chunk, make_train_step
+from gradsparse.train import (RunResult, TrainingInterrupted, finish_run, flat_step, fuse_until, prepare, record,
+                              train)
+
+#: the key of ``summary.json`` (and ``RunResult.final``) naming the seeds trained together
+SEEDS_KEY = "trained_with_seeds"
+#: CPU widths up to which vmapping seeds measured faster (bench_fused, 2 cores): MLP, Transformers
+CPU_MAX_WIDTH = {"mlp": 64, "lm": 32, "vit": 32}
+
+
+class _Diverged(Exception):
+    """Internal: some seed's loss or gradient was not finite (the group is retrained one by one)."""
+
+
+def worth_vmapping(cfg: TrainConfig, backend: str | None = None) -> bool:
+    """Whether the seeds of ``cfg`` train faster together (:func:`train_seeds`) than one after the
+    other: on an accelerator always; on a CPU up to :data:`CPU_MAX_WIDTH` of the model kind, the
+    widths where ``benchmarks/bench_fused.py`` measured a gain. Never with several devices
+    (each run is then data-parallel) or ``fuse_steps`` 1 (the unfused loop is a debugging aid)."""
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"cfg: got {type(cfg).__name__}; allowed: a TrainConfig")
+    backend = jax.default_backend() if backend is None else backend
+    if cfg.fuse_steps == 1 or (cfg.data_parallel and len(jax.devices()) > 1):
+        return False
+    if backend != "cpu":
+        return True
+    return cfg.width <= CPU_MAX_WIDTH[cfg.model]
+
+
+def check_group(cfgs: Sequence[TrainConfig]) -> list[TrainConfig]:
+    """The validated configs of one seed group: at least one, all TrainConfigs equal except for
+    ``seed``, the seeds distinct. ValueError saying which field differs otherwise."""
+    cfgs = list(cfgs)
+    if not cfgs or not all(isinstance(c, TrainConfig) for c in cfgs):
+        raise ValueError("cfgs: must be a non-empty sequence of TrainConfig")
+    cfgs = [c.validate() for c in cfgs]
+    ref = {k: v for k, v in cfgs[0].to_dict().items() if k != "seed"}
+    for c in cfgs[1:]:
+        d = {k: v for k, v in c.to_dict().items() if k != "seed"}
+        diff = sorted(k for k in set(ref) | set(d) if ref.get(k) != d.get(k))
+        if diff:
+            raise ValueError(f"cfgs: seeds train together only when their configs differ in the seed alone; "
+                             f"seed {c.seed} differs from seed {cfgs[0].seed} in {', '.join(diff)}")
+    seeds = [c.seed for c in cfgs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"cfgs: seeds must be distinct, got {seeds}")
+    return cfgs
+
+
+def _stack(trees: Sequence[Any]) -> Any:
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
+
+
+def _pick(tree: Any, i: int) -> Any:
+    return jax.tree_util.tree_map(lambda a: a[i], tree)
+
+
+def train_seeds(cfgs: Sequence[TrainConfig], out_dirs: Sequence[str | os.PathLike | None] | None = None, *,
+                dataset: Dataset | None = None, progress: bool = False) -> list[RunResult]:
+    """Train the seed group ``cfgs`` (configs equal except for ``seed``: :func:`check_group`)
+    together and write ``out_dirs[i]`` (or nothing, for None) as ``train(cfgs[i], out_dirs[i])``
+    would; returns one :class:`gradsparse.train.RunResult` per seed, in order.
+
+    The loop is :func:`gradsparse.train.train`'s: log step s runs the monitored step, the
+    held-out (and fixed-subset) evaluation and, on the flatness grid, the Hutchinson traces;
+    the plain steps between run ``fuse_steps`` at a time in one ``lax.scan``, chunks on the
+    absolute grid; finiteness is checked at log points and checkpoints. Here each of those calls
+    is vmapped over the S seeds. The times in ``times.jsonl`` and ``train_time_s`` are the
+    group's wall clock (all S seeds). ``summary.json`` records :data:`SEEDS_KEY`.
+
+    A NaN/inf in any seed: every seed is trained again by :func:`gradsparse.train.train`, one at a
+    time (which names the step and block of the divergence). Ctrl-C: every seed's checkpoint is
+    written at the last checked step (each then resumable alone), and
+    :class:`gradsparse.train.TrainingInterrupted` is raised for the first seed.
+    ValueError before anything is written: configs not a seed group, out_dirs of the wrong
+    length or repeated, a run folder that is a file, or S times one run's memory estimate above
+    the available memory.
+    """
+    cfgs = check_group(cfgs)
+    outs = [None] * len(cfgs) if out_dirs is None else [Path(o) if o is not None else None for o in out_dirs]
+    if len(outs) != len(cfgs):
+        raise ValueError(f"out_dirs: {len(outs)} folders for {len(cfgs)} configs; allowed: one per config")
+    named = [o.resolve() for o in outs if o is not None]
+    if len(set(named)) != len(named):
+        raise ValueError("out_dirs: every seed needs its own run folder")
+    for o in outs:
+        if o is not None and o.exists() and not o.is_dir():
+            raise ValueError(f"run folder {o} exists and is not a folder")
+    if not isinstance(progress, bool):
+        raise ValueError(f"progress: must be True or False, got {progress!r}")
+    cfg = cfgs[0]
+    runs = [prepare(c, o, dataset, None, devices=1) for c, o in zip(cfgs, outs)]
+    est = estimate(cfg, runs[0].info, None)
+    limit, what = available_memory()
+    if est.total * len(runs) > limit:
+        raise ValueError(f"memory: {len(runs)} seeds together need {len(runs)} x {est.describe()}, more than the "
+                         f"{fmt_bytes(limit)} of {what}; train fewer seeds together")
+    try:
+        return _train_group(cfgs, runs, progress)
+    except _Diverged:
+        return [train(c, o, dataset=r.ds, progress=progress) for c, o, r in zip(cfgs, outs, runs)]
+
+
+def _train_group(cfgs: list[TrainConfig], runs: list[Any], progress: bool) -> list[RunResult]:
+    cfg, first = cfgs[0], runs[0]
+    S = len(runs)
+    trainable, projections, acc = first.built.trainable, first.built.projections, first.acc
+    static = eqx.partition(first.model, eqx.is_array)[1]
+    dyn = _stack([eqx.filter(r.model, eqx.is_array) for r in runs])
+    state = _stack([r.state for r in runs])
+    noise_keys = jnp.stack([r.keys.noise for r in runs])
+    flat_keys = jnp.stack([r.keys.flatness for r in runs])
+    xe, ye = (jnp.asarray(np.stack([r.heldout[i] for r in runs])) for i in (0, 1))
+    fixed = None
+    if first.fixed is not None:
+        fixed = tuple(jnp.asarray(np.stack([np.asarray(r.fixed[i]) for r in runs])) for i in (0, 1))
+
+    step_mon = make_train_step(first.optimizer, trainable, projections, monitors=True, accumulator=acc)
+    step_plain = make_train_step(first.optimizer, trainable, projections, monitors=False, accumulator=acc)
+    chunk = make_train_chunk(first.optimizer, trainable, projections, accumulator=acc)
+    evaluate = make_eval_fn(trainable)
+    flat = flatness_fn(trainable, cfg.flatness_probes) if cfg.flatness_every else None
+    arrays = lambda t: eqx.filter(t, eqx.is_array)  # noqa: E731
+
+    def over_seeds(fn: Any) -> Any:
+        @jax.jit
+        def v(d, st, x, y, s):
+            def one(d, st, x, y, k):
+                m, st2, met, fin = fn(eqx.combine(d, static), st, x, y, jax.random.fold_in(k, s), s)
+                return arrays(m), st2, met, fin
+            return jax.vmap(one)(d, st, x, y, noise_keys)
+        return v
+
+    v_mon, v_plain = over_seeds(step_mon), over_seeds(step_plain)
+
+    @jax.jit
+    def v_chunk(d, st, xs, ys, s):
+        def one(d, st, xs, ys, k):
+            m, st2, bad = chunk(eqx.combine(d, static), st, xs, ys, k, s)
+            return arrays(m), st2, bad
+        return jax.vmap(one)(d, st, xs, ys, noise_keys)
+
+    @jax.jit
+    def v_eval(d, x, y):
+        return jax.vmap(lambda d, x, y: evaluate(eqx.combine(d, static), x, y))(d, x, y)
+
+    @jax.jit
+    def v_flat(d, x, y, s):
+        return jax.vmap(lambda d, x, y, k: flat(eqx.combine(d, static), x, y, jax.random.fold_in(k, s)))(
+            d, x, y, flat_keys)
+
+    def batches(t: int) -> tuple[Any, Any]:
+        xy = [r.batch(t) for r in runs]
+        return jnp.asarray(np.stack([a for a, _ in xy])), jnp.asarray(np.stack([b for _, b in xy]))
+
+    def model_of(d: Any, i: int) -> Any:
+        return eqx.combine(_pick(d, i), static)
+
+    logs = [open_run(r.out, c, r.header, r.plan) if r.out is not None else None for r, c in zip(runs, cfgs)]
+    histories: list[list[dict[str, Any]]] = [[] for _ in runs]
+    ckpts: list[Path | None] = [None] * S
+    t0 = time.time()
+    bar = tqdm(total=cfg.steps, disable=not progress, mininterval=0.5, dynamic_ncols=True, leave=False,
+               desc=f"train {S} seeds")
+    pending: list[Any] = []  # per plain call: (S,) finite flags, or (S,) bad steps of a chunk (-1: fine)
+    checked = cur = (0, dyn, state)  # (updates done, stacked model arrays, stacked state), replaced whole
+
+    def settle() -> None:
+        nonlocal checked
+        for flags in pending:
+            f = np.asarray(flags)
+            if (f.dtype == bool and not f.all()) or (f.dtype != bool and (f >= 0).any()):
+                raise _Diverged
+        pending.clear()
+        checked = cur
+
+    def save_all(step: int, d: Any, st: Any) -> None:
+        for i, (r, log) in enumerate(zip(runs, logs)):
+            if log is not None:
+                ckpts[i] = log.checkpoint(r.out, step, model_of(d, i), _pick(st, i), r.header, time.time() - t0)
+
+    try:
+        try:
+            s = 0
+            while s < cfg.steps:
+                if logged(s, cfg):
+                    settle()
+                    x, y = batches(s)
+                    si = jnp.asarray(s, jnp.int32)
+                    new_dyn, new_state, metrics, finite = v_mon(dyn, state, x, y, si)
+                    if not bool(np.all(np.asarray(finite))):
+                        raise _Diverged
+                    ev = v_eval(dyn, xe, ye)
+                    ef = v_eval(dyn, *fixed) if fixed is not None else None
+                    fl = None
+                    if flat is not None and flat_step(s, cfg):
+                        fx, fy = fixed if fixed is not None else (x, y)
+                        fl = v_flat(dyn, fx, fy, si)
+                    metrics, ev, ef, fl = jax.device_get((metrics, ev, ef, fl))
+                    elapsed = round(time.time() - t0, 3)
+                    for i, c in enumerate(cfgs):
+                        cov = (covariance.log_metrics(acc, _pick(new_state, i)[1], c.batch_size, s + 1)
+                               if acc is not None else None)
+                        rec = record(c, s, _pick(metrics, i), _pick(ev, i), _pick(ef, i) if ef is not None else None,
+                                     _pick(fl, i) if fl is not None else None, cov, int(xe.shape[1]),
+                                     int(fixed[0].shape[1]) if fixed is not None else None)
+                        histories[i].append(rec)
+                        if logs[i] is not None:
+                            logs[i].write(rec, time=elapsed)
+                    n = 1
+                    cur = checked = (s + 1, new_dyn, new_state)
+                else:
+                    n = fuse_until(s, cfg) - s
+                    if cfg.fuse_steps > 1 and n >= cfg.fuse_steps:
+                        n = cfg.fuse_steps
+                        xy = [r.chunk_batch(s, n) for r in runs]
+                        new_dyn, new_state, bad = v_chunk(dyn, state, jnp.stack([a for a, _ in xy]),
+                                                          jnp.stack([b for _, b in xy]), jnp.asarray(s, jnp.int32))
+                        pending.append(bad)
+                    else:
+                        n = 1
+                        x, y = batches(s)
+                        new_dyn, new_state, _, finite = v_plain(dyn, state, x, y, jnp.asarray(s, jnp.int32))
+                        pending.append(finite)
+                    cur = (s + n, new_dyn, new_state)
+                s += n
+                dyn, state = cur[1], cur[2]
+                bar.update(n)
+                if cfg.checkpoint_every and s % cfg.checkpoint_every == 0 and s < cfg.steps:
+                    settle()
+                    save_all(s, dyn, state)
+            settle()
+            save_all(cfg.steps, dyn, state)
+        except KeyboardInterrupt:
+            done, d, st = checked
+            saved = False
+            if done > 0 and any(log is not None for log in logs):
+                save_all(done, d, st)
+                saved = True
+            raise TrainingInterrupted(done, cfg.steps, ckpts[0], saved, runs[0].out) from None
+    finally:
+        bar.close()
+        for log in logs:
+            if log is not None:
+                log.close()
+    results = []
+    for i, (c, r) in enumerate(zip(cfgs, runs)):
+        res = finish_run(c, r.out, r.ds, r.keys, model_of(dyn, i), _pick(state, i), acc, histories[i], t0,
+                      extra={SEEDS_KEY: [cc.seed for cc in cfgs]})
+        results.append(res)
+    return results
