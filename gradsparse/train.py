@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -194,6 +194,26 @@ def fuse_until(t: int, cfg: TrainConfig) -> int:
     return nxt
 
 
+def step_plan(first: int, cfg: TrainConfig, fuse: int) -> Iterator[tuple[str, int, int]]:
+    """The schedule of a training loop from update ``first`` to ``cfg.steps``, as ``(kind, s, n)``:
+    ``("log", s, 1)``, the monitored step s (every logged step, :func:`logged`); ``("chunk", s,
+    n)``, n = ``fuse`` fused plain steps from s; ``("step", s, 1)``, one plain step (the rest of
+    a stretch shorter than ``fuse``, or all of them with ``fuse`` 1); ``("checkpoint", s, 0)``
+    after s updates, on the checkpoint grid before the end. Plain stretches end at
+    :func:`fuse_until`, so chunks lie on the absolute grid whatever ``first`` is."""
+    s = first
+    while s < cfg.steps:
+        if logged(s, cfg):
+            n, kind = 1, "log"
+        else:
+            n = fuse_until(s, cfg) - s
+            n, kind = (fuse, "chunk") if fuse > 1 and n >= fuse else (1, "step")
+        yield kind, s, n
+        s += n
+        if cfg.checkpoint_every and s % cfg.checkpoint_every == 0 and s < cfg.steps:
+            yield "checkpoint", s, 0
+
+
 def record(cfg: TrainConfig, s: int, metrics: dict[str, Any], ev: dict[str, Any], ef: dict[str, Any] | None,
            fl: dict[str, Any] | None, cov: dict[str, Any] | None, heldout_n: int, fixed_n: int | None
            ) -> dict[str, Any]:
@@ -360,9 +380,13 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
     pending: list[tuple[int, int, Any]] = []  # (step, chunk length or 0 for one step, finite flag / bad step)
     seg = cur  # the last state whose steps are all checked finite
     try:
-        s = first
-        while s < cfg.steps:
-            if logged(s, cfg):
+        for kind, s, n in step_plan(first, cfg, fuse):
+            if kind == "checkpoint":
+                settle()
+                last_ckpt = save(s, model, state)
+                last_step = s
+                continue
+            if kind == "log":
                 settle()
                 x, y = batch(s)
                 key = jax.random.fold_in(keys.noise, s)
@@ -386,28 +410,18 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
                 if on_log is not None:
                     on_log(rec)
                 bar.set_postfix(loss=_fmt(rec["loss"]), density=_fmt(rec["train/density/mean"]), refresh=False)
-                done = 1
                 cur = seg = (s + 1, new_model, new_state)
-            else:  # plain steps up to the next boundary: fused chunks of `fuse` steps, then single steps
-                n = fuse_until(s, cfg) - s
-                if fuse > 1 and n >= fuse:
-                    n = fuse
-                    xs, ys = run.chunk_batch(s, n)
-                    new_model, new_state, bad = step_chunk(model, state, xs, ys, keys.noise, jnp.asarray(s, jnp.int32))
-                    pending.append((s, n, bad))
-                else:
-                    n = 1
-                    new_model, new_state, finite = plain(model, state, s)
-                    pending.append((s, 0, finite))
-                done = n
+            elif kind == "chunk":
+                xs, ys = run.chunk_batch(s, n)
+                new_model, new_state, bad = step_chunk(model, state, xs, ys, keys.noise, jnp.asarray(s, jnp.int32))
+                pending.append((s, n, bad))
                 cur = (s + n, new_model, new_state)
-            s += done
+            else:
+                new_model, new_state, finite = plain(model, state, s)
+                pending.append((s, 0, finite))
+                cur = (s + 1, new_model, new_state)
             model, state = cur[1], cur[2]
-            bar.update(done)
-            if cfg.checkpoint_every and s % cfg.checkpoint_every == 0 and s < cfg.steps:
-                settle()
-                last_ckpt = save(s, model, state)
-                last_step = s
+            bar.update(n)
         settle()
         last_ckpt = save(cfg.steps, model, state)
         last_step = cfg.steps

@@ -41,9 +41,9 @@ from gradsparse import covariance
 from gradsparse.config import TrainConfig
 from gradsparse.data import Dataset
 from gradsparse.memory import available_memory, estimate, fmt_bytes
-from gradsparse.runfolder import logged, open_run
+from gradsparse.runfolder import open_run
 from gradsparse.step import flatness_fn, make_eval_fn, make_train_chunk, make_train_step
-from gradsparse.train import (RunResult, TrainingInterrupted, finish_run, flat_step, fuse_until, prepare, record,
+from gradsparse.train import (RunResult, TrainingInterrupted, finish_run, flat_step, prepare, record, step_plan,
                               train)
 
 #: the key of ``summary.json`` (and ``RunResult.final``) naming the seeds trained together
@@ -225,12 +225,15 @@ def _train_group(cfgs: list[TrainConfig], runs: list[Any], progress: bool) -> li
 
     try:
         try:
-            s = 0
-            while s < cfg.steps:
-                if logged(s, cfg):
+            for kind, s, n in step_plan(0, cfg, cfg.fuse_steps):
+                si = jnp.asarray(s, jnp.int32)
+                if kind == "checkpoint":
+                    settle()
+                    save_all(s, dyn, state)
+                    continue
+                if kind == "log":
                     settle()
                     x, y = batches(s)
-                    si = jnp.asarray(s, jnp.int32)
                     new_dyn, new_state, metrics, finite = v_mon(dyn, state, x, y, si)
                     if not bool(np.all(np.asarray(finite))):
                         raise _Diverged
@@ -251,28 +254,20 @@ def _train_group(cfgs: list[TrainConfig], runs: list[Any], progress: bool) -> li
                         histories[i].append(rec)
                         if logs[i] is not None:
                             logs[i].write(rec, time=elapsed)
-                    n = 1
                     cur = checked = (s + 1, new_dyn, new_state)
-                else:
-                    n = fuse_until(s, cfg) - s
-                    if cfg.fuse_steps > 1 and n >= cfg.fuse_steps:
-                        n = cfg.fuse_steps
-                        xy = [r.chunk_batch(s, n) for r in runs]
-                        new_dyn, new_state, bad = v_chunk(dyn, state, jnp.stack([a for a, _ in xy]),
-                                                          jnp.stack([b for _, b in xy]), jnp.asarray(s, jnp.int32))
-                        pending.append(bad)
-                    else:
-                        n = 1
-                        x, y = batches(s)
-                        new_dyn, new_state, _, finite = v_plain(dyn, state, x, y, jnp.asarray(s, jnp.int32))
-                        pending.append(finite)
+                elif kind == "chunk":
+                    xy = [r.chunk_batch(s, n) for r in runs]
+                    new_dyn, new_state, bad = v_chunk(dyn, state, jnp.stack([a for a, _ in xy]),
+                                                      jnp.stack([b for _, b in xy]), si)
+                    pending.append(bad)
                     cur = (s + n, new_dyn, new_state)
-                s += n
+                else:
+                    x, y = batches(s)
+                    new_dyn, new_state, _, finite = v_plain(dyn, state, x, y, si)
+                    pending.append(finite)
+                    cur = (s + 1, new_dyn, new_state)
                 dyn, state = cur[1], cur[2]
                 bar.update(n)
-                if cfg.checkpoint_every and s % cfg.checkpoint_every == 0 and s < cfg.steps:
-                    settle()
-                    save_all(s, dyn, state)
             settle()
             save_all(cfg.steps, dyn, state)
         except KeyboardInterrupt:
