@@ -10,8 +10,10 @@ Printed ratios (medians of interleaved repeats, per model-step, warm-up excluded
   must never lose).
 - ``vmap_seeds_vs_sequential_{tag}`` = t(S fused chunks, one seed after the other) / t(one
   fused chunk vmapped over S seeds), S = 3 (the quick preset's seeds); with ``vmap_max_diff_{tag}``,
-  the largest parameter difference between the vmapped and the sequential seed 0. The checks train
-  seeds one after the other unless this ratio is clearly above 1 on the machine at hand.
+  the largest parameter difference between the vmapped and the sequential seed 0. This ratio is
+  what :func:`gradsparse.train_seeds.worth_vmapping` encodes: the checks' context trains a config's
+  seeds together (``gradsparse check --vmap-seeds auto``) at the sizes where it was clearly above 1
+  on a 2-core CPU (the MLP at width 64, the byte LM at width 32), and on any accelerator.
 """
 
 from __future__ import annotations
