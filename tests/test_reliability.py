@@ -459,14 +459,22 @@ def test_real_sigint_saves_a_checkpoint(tmp_path):
     flags = [f if f != "12" else "1000000" for f in FLAGS]  # far more steps than it gets to run
     flags[flags.index("--checkpoint-every") + 1] = "100"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # SIGINT back to its default in the child: a test run started in the background of a
+    # non-interactive shell inherits SIGINT ignored, and Python then installs no ^C handler
     proc = subprocess.Popen([sys.executable, "-m", "gradsparse.cli", "train", *flags, "--out", str(run)], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    t0 = time.time()
-    while not list_checkpoints(run):
-        assert proc.poll() is None and time.time() - t0 < 120, proc.stderr.read() if proc.poll() is not None else ""
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        t0 = time.time()
+        while not list_checkpoints(run):
+            assert proc.poll() is None and time.time() - t0 < 120, proc.stderr.read() if proc.poll() is not None else ""
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # never leave a million-step run behind
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 130, err
     line = err.strip().splitlines()[-1]
     assert "interrupted at step " in line and "--resume" in line.split("continue with: ")[1], line
