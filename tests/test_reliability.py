@@ -459,11 +459,13 @@ def test_real_sigint_saves_a_checkpoint(tmp_path):
     flags = [f if f != "12" else "1000000" for f in FLAGS]  # far more steps than it gets to run
     flags[flags.index("--checkpoint-every") + 1] = "100"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    # SIGINT back to its default in the child: a test run started in the background of a
-    # non-interactive shell inherits SIGINT ignored, and Python then installs no ^C handler
-    proc = subprocess.Popen([sys.executable, "-m", "gradsparse.cli", "train", *flags, "--out", str(run)], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # the child installs Python's ^C handler itself: a suite started in the background of a
+    # non-interactive shell passes SIGINT on ignored, and Python then installs none (no
+    # preexec_fn: forking a process that has started JAX's threads can deadlock)
+    start = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "sys.argv = ['gradsparse', *sys.argv[1:]]; runpy.run_module('gradsparse.cli', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", start, "train", *flags, "--out", str(run)], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         t0 = time.time()
         while not list_checkpoints(run):
