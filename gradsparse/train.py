@@ -214,15 +214,15 @@ def step_plan(first: int, cfg: TrainConfig, fuse: int) -> Iterator[tuple[str, in
             yield "checkpoint", s, 0
 
 
-def record(cfg: TrainConfig, s: int, metrics: dict[str, Any], ev: dict[str, Any], ef: dict[str, Any] | None,
-           fl: dict[str, Any] | None, cov: dict[str, Any] | None, heldout_n: int, fixed_n: int | None
-           ) -> dict[str, Any]:
+def record(cfg: TrainConfig, s: int, lr: float, metrics: dict[str, Any], ev: dict[str, Any],
+           ef: dict[str, Any] | None, fl: dict[str, Any] | None, cov: dict[str, Any] | None, heldout_n: int,
+           fixed_n: int | None) -> dict[str, Any]:
     """The log line of logged step ``s``: the step's ``metrics`` (loss, accuracy, grad_norm and
     per-layer monitors of its batch, under ``train/``), the held-out evaluation ``ev`` (under
     ``heldout/``), the fixed subset's ``ef`` (``fixed/``), the flatness estimates ``fl``
-    (``flat/``) and the covariance metrics ``cov``; the ``lr`` of the schedule at ``s``."""
+    (``flat/``) and the covariance metrics ``cov``; ``lr``, the schedule's learning rate at ``s``."""
     rec = {"step": s, "loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]),
-           "grad_norm": float(metrics["grad_norm"]), "lr": float(make_schedule(cfg)(s)), "batch_size": cfg.batch_size}
+           "grad_norm": float(metrics["grad_norm"]), "lr": float(lr), "batch_size": cfg.batch_size}
     rec.update(summarize(metrics["layers"], "train"))
     rec.update({"heldout/loss": float(ev["loss"]), "heldout/accuracy": float(ev["accuracy"]),
                 "heldout_batch_size": heldout_n})
@@ -302,6 +302,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
     step_chunk = make_train_chunk(optimizer, trainable, built.projections, accumulator=acc) if fuse > 1 else None
     evaluate = make_eval_fn(trainable)
     flat = flatness_fn(trainable, cfg.flatness_probes) if cfg.flatness_every else None
+    sched = make_schedule(cfg)
 
     # ------------------------------------------------------------ writing starts here
     log = open_run(out, cfg, header, plan) if out is not None else None
@@ -401,7 +402,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
                     fx, fy = fixed if fixed is not None else (jnp.asarray(x), jnp.asarray(y))
                     fl = flat(model, fx, fy, jax.random.fold_in(keys.flatness, s))
                 cov = covariance.log_metrics(acc, new_state[1], cfg.batch_size, s + 1) if acc is not None else None
-                rec = record(cfg, s, metrics, ev, ef, fl, cov, int(xe.shape[0]),
+                rec = record(cfg, s, sched(s), metrics, ev, ef, fl, cov, int(xe.shape[0]),
                              int(fixed[0].shape[0]) if fixed is not None else None)
                 elapsed = round(time.time() - t0, 3)
                 history.append(rec)

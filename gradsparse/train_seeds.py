@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from gradsparse import covariance
 from gradsparse.config import TrainConfig
 from gradsparse.data import Dataset
+from gradsparse.factory import make_schedule
 from gradsparse.memory import available_memory, estimate, fmt_bytes
 from gradsparse.runfolder import open_run
 from gradsparse.step import flatness_fn, make_eval_fn, make_train_chunk, make_train_step
@@ -164,6 +165,7 @@ def _train_group(cfgs: list[TrainConfig], runs: list[Any], progress: bool) -> li
     chunk = make_train_chunk(first.optimizer, trainable, projections, accumulator=acc)
     evaluate = make_eval_fn(trainable)
     flat = flatness_fn(trainable, cfg.flatness_probes) if cfg.flatness_every else None
+    sched = make_schedule(cfg)  # the seeds' configs differ in the seed alone
     arrays = lambda t: eqx.filter(t, eqx.is_array)  # noqa: E731
 
     def over_seeds(fn: Any) -> Any:
@@ -245,10 +247,12 @@ def _train_group(cfgs: list[TrainConfig], runs: list[Any], progress: bool) -> li
                         fl = v_flat(dyn, fx, fy, si)
                     metrics, ev, ef, fl = jax.device_get((metrics, ev, ef, fl))
                     elapsed = round(time.time() - t0, 3)
+                    lr = float(sched(s))
                     for i, c in enumerate(cfgs):
                         cov = (covariance.log_metrics(acc, _pick(new_state, i)[1], c.batch_size, s + 1)
                                if acc is not None else None)
-                        rec = record(c, s, _pick(metrics, i), _pick(ev, i), _pick(ef, i) if ef is not None else None,
+                        rec = record(c, s, lr, _pick(metrics, i), _pick(ev, i),
+                                     _pick(ef, i) if ef is not None else None,
                                      _pick(fl, i) if fl is not None else None, cov, int(xe.shape[1]),
                                      int(fixed[0].shape[1]) if fixed is not None else None)
                         histories[i].append(rec)
