@@ -15,6 +15,7 @@ rounding; the report names them (:meth:`Context.vmapped_since`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -102,6 +103,7 @@ class Context:
     _runs: dict[str, Any] = field(default_factory=dict, repr=False)
     _data: dict[tuple, Any] = field(default_factory=dict, repr=False)
     _used: list[str] = field(default_factory=list, repr=False)
+    _cfgs: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -129,6 +131,7 @@ class Context:
         cfg = cfg.validate()
         key = self._key(cfg, tag)
         self._used.append(key)
+        self._cfgs[key] = cfg.to_dict()
         if cache and key in self._runs:
             return self._runs[key]
         ds = self.data(cfg.data, cfg.n_train, cfg.n_test)
@@ -180,6 +183,22 @@ class Context:
             name = key.rsplit("-", 2)[0]  # the tag: without "-<config hash>-s<seed>"
             if run is not None and run.final.get(SEEDS_KEY) and name not in out:
                 out.append(name)
+        return out
+
+    def with_seeds(self, seeds: Sequence[int]) -> "Context":
+        """This context with other seeds (a check whose plan needs more seeds than the preset's),
+        sharing the run and data caches."""
+        return dataclasses.replace(self, seeds=list(seeds))
+
+    def unplanned_since(self, mark: int, plan: Any) -> list[str]:
+        """The runs used since ``mark`` whose config (seed aside) is not an arm of ``plan``."""
+        planned = [json.dumps(a.config, sort_keys=True, default=str) for a in plan.arms]
+        out = []
+        for key in self._used[mark:]:
+            d = dict(self._cfgs.get(key, {}))
+            d.pop("seed", None)
+            if json.dumps(d, sort_keys=True, default=str) not in planned and key not in out:
+                out.append(key)
         return out
 
     def mark(self) -> int:
@@ -378,3 +397,23 @@ def window_mean(history: Sequence[Mapping[str, Any]], key: str, lo: float, hi: f
     t = s / max(s[-1], 1.0)
     m = (t >= lo - 1e-9) & (t <= hi + 1e-9)
     return float(np.mean(v[m])) if m.any() else math.nan
+
+
+def block_activations(model: Any, x: np.ndarray) -> list[np.ndarray]:
+    """Per MLP block, the activations a (N tokens, n units) of ``model`` on inputs ``x`` (eval mode:
+    no noise), from the blocks' own aux output (zero probes)."""
+    import jax.numpy as jnp
+
+    from gradsparse.models.common import zero_probes
+
+    xs = jnp.asarray(x)
+    num_tokens = int(xs.shape[0]) * int(getattr(model, "tokens_per_sample", 1) if model.seq_len == 1 else
+                                        xs.shape[1])
+    _, aux = model(xs, zero_probes(model.mlp_blocks(), num_tokens))
+    return [np.asarray(a["a"]) for a in aux]
+
+
+def dead_fraction(model: Any, x: np.ndarray, tol: float = 1e-6) -> list[float]:
+    """Per MLP block, the fraction of units never active (|a| <= tol) on every token of ``x``:
+    Lazy Neuron's "not dead neurons" control (sparsity that is dead units is not the phenomenon)."""
+    return [float(np.mean(np.all(np.abs(a) <= tol, axis=0))) for a in block_activations(model, x)]

@@ -5,6 +5,9 @@ A check (one module per claim, ``theory_checks/gNN_*.py``) defines ``CHECK = Che
 - ``name`` ("G3"), ``slug`` (its module name), ``title``, ``claim``: the prediction in one sentence;
 - ``rule``: the verdict rule in words (the code that applies it is in the check's ``run``);
 - ``presets``: ``{"smoke": {...}, "quick": {...}, "full": {...}}`` of parameters (steps, width, ...);
+- ``plan(preset, params) -> CheckPlan``: the pre-registration (:mod:`theory_checks.plan`): arms,
+  parts (primary / context / implementation, deltas and their sources), gates; written to
+  ``plan.json`` before any training, and the only thing the verdict is decided by;
 - ``run(ctx, params) -> Finding``: trains what it needs through
   :meth:`theory_checks.context.Context.train` (which calls :func:`gradsparse.train.train`; no check
   has its own training loop), measures, and decides with :mod:`theory_checks.verdicts`.
@@ -32,7 +35,8 @@ PRESET_SEEDS = {"smoke": 3, "quick": 3, "standard": 5, "full": 5}
 class Finding:
     """What a check's ``run`` returns.
 
-    ``verdict``: the decided :class:`Verdict`; ``measured``: one line with the key numbers;
+    ``verdict``: ignored when the check has a plan (the judge decides from the plan's primary
+    parts; pass None); ``measured``: one line with the key numbers;
     ``per_seed``: {metric: [value per seed]}; ``numbers``: {name: summary number};
     ``parts``: {part name: Verdict} for multi-part claims; ``series``: JSON-ready data for
     figures (see ``gradsparse.figures``); ``notes``: free-text remarks (settings, caveats);
@@ -40,7 +44,7 @@ class Finding:
     check is INCONCLUSIVE "regime not reached"; ``model``: what was trained (named in the report).
     """
 
-    verdict: Verdict
+    verdict: Verdict | None
     measured: str
     per_seed: dict[str, list[float]] = field(default_factory=dict)
     numbers: dict[str, float] = field(default_factory=dict)
@@ -77,6 +81,12 @@ class CheckResult:
     error: str | None = None
     gates: list[dict[str, Any]] = field(default_factory=list)
     model: str = ""
+    #: "theory" (decided by primary parts) or "implementation" (identities, unit-level checks)
+    section: str = "theory"
+    #: the leave-one-seed-out flag of the verdict (None: not near the boundary)
+    near_boundary: str | None = None
+    #: runs this check trained that its plan did not declare (should be empty)
+    unplanned: list[str] = field(default_factory=list)
 
     def to_dict(self, with_series: bool = False) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -102,6 +112,7 @@ class Check:
     presets: dict[str, dict[str, Any]]
     run: Callable[[Any, dict[str, Any]], Finding]
     figures: Callable[[dict[str, Any], Path], list[Path]] | None = None
+    plan: Callable[[str, dict[str, Any]], Any] | None = None
 
     def __post_init__(self) -> None:
         if "standard" not in self.presets and "quick" in self.presets:  # standard = quick sizes, 5 seeds
@@ -116,3 +127,7 @@ class Check:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
         return dict(self.presets[preset])
+
+    def make_plan(self, preset: str) -> Any:
+        """This check's :class:`theory_checks.plan.CheckPlan` at ``preset`` (None when it has none)."""
+        return None if self.plan is None else self.plan(preset, self.params(preset))

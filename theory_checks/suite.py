@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib
+import json
 import sys
 import time
 import traceback
@@ -12,12 +13,13 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
-from gradsparse.io import atomic_write_text
+from gradsparse.io import atomic_write_bytes, atomic_write_text
 from gradsparse.runfolder import versions
 from gradsparse.runtime import enable_compilation_cache
 from theory_checks.context import Context
 from theory_checks.protocol import Check, CheckResult, Finding, Unavailable
 from theory_checks.report import SMOKE_NOTE, VMAP_NOTE, write_report
+from theory_checks.plan import judge, plan_bytes, plan_sha256
 from theory_checks.verdicts import Verdict, gated
 
 
@@ -29,11 +31,16 @@ def run_check(check: Check, ctx: Context, *, fig_dir: Path | None = None) -> Che
     ``fig_dir`` is given) are written there; their paths are relative to ``ctx.out_dir``.
     """
     params = check.params(ctx.preset)
+    plan = check.make_plan(ctx.preset)
+    if plan is not None and plan.seeds and plan.seeds > len(ctx.seeds):
+        ctx = ctx.with_seeds(list(range(plan.seeds)))
     t0 = time.time()
     mark = ctx.mark()
+    unavailable = False
     try:
         finding = check.run(ctx, params)
     except Unavailable as e:
+        unavailable = True
         finding = Finding(Verdict("INCONCLUSIVE", 0, len(ctx.seeds), str(e)), f"not measured: {e}")
     if not isinstance(finding, Finding):
         raise TypeError(f"check {check.name} returned {type(finding).__name__}, expected Finding")
@@ -45,7 +52,16 @@ def run_check(check: Check, ctx: Context, *, fig_dir: Path | None = None) -> Che
                 figs.append(str(p.relative_to(ctx.out_dir)) if ctx.out_dir is not None else str(p))
             except ValueError:
                 figs.append(str(p))
-    v = gated(finding.verdict, finding.gates)
+    parts = dict(finding.parts)
+    section, unplanned = "theory", []
+    if plan is not None and not unavailable:
+        v, parts = judge(plan, finding.parts, finding.gates)
+        section = plan.section
+        unplanned = ctx.unplanned_since(mark, plan)
+    else:
+        v = gated(finding.verdict, finding.gates)
+        if plan is not None:
+            section = plan.section
     together = ctx.vmapped_since(mark)
     notes = list(finding.notes)
     if together:
@@ -55,9 +71,9 @@ def run_check(check: Check, ctx: Context, *, fig_dir: Path | None = None) -> Che
         seeds=list(ctx.seeds), verdict=v.verdict, agree=v.agree, n=v.n, reason=v.reason, measured=finding.measured,
         per_seed={k: [float(x) for x in vals] for k, vals in finding.per_seed.items()},
         numbers={k: float(x) for k, x in finding.numbers.items()},
-        parts={k: p.to_dict() for k, p in finding.parts.items()}, notes=notes, figures=figs,
+        parts={k: p.to_dict() for k, p in parts.items()}, notes=notes, figures=figs,
         elapsed_s=round(time.time() - t0, 2), series=finding.series, gates=[g.to_dict() for g in finding.gates],
-        model=finding.model)
+        model=finding.model, section=section, near_boundary=v.near_boundary, unplanned=unplanned)
 
 
 def crash_result(check: Check, ctx: Context, exc: BaseException, elapsed: float) -> CheckResult:
@@ -120,6 +136,41 @@ class ChecksInterrupted(KeyboardInterrupt):
         super().__init__(self.message)
 
 
+PLAN_FILE = "plan.json"
+
+
+def check_plans(checks: Sequence[Any], preset: str, seeds: Sequence[int]) -> dict[str, Any]:
+    """{check name: its plan as data, with the seeds it will use} for ``checks`` at ``preset``."""
+    out: dict[str, Any] = {}
+    for c in checks:
+        plan = c.make_plan(preset) if hasattr(c, "make_plan") else None
+        if plan is None:
+            out[c.name] = {"plan": None, "seeds": list(seeds)}
+            continue
+        n = max(len(seeds), plan.seeds or 0)
+        out[c.name] = {**plan.to_dict(), "seeds": list(seeds) if n == len(seeds) else list(range(n)),
+                       "title": c.title, "claim": c.claim}
+    return out
+
+
+def write_plan(out: Path, checks: Sequence[Any], preset: str, seeds: Sequence[int],
+               keep: Sequence[str] = ()) -> dict[str, Any]:
+    """Write ``out/plan.json`` (atomically, BEFORE any training): the pre-registered plan of every
+    check about to run, plus the plans of the kept results of a report merged into (``keep``).
+    Returns the plan data; :func:`theory_checks.plan.plan_sha256` of it is printed in report.md."""
+    old: dict[str, Any] = {}
+    path = out / PLAN_FILE
+    if keep and path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8")).get("checks", {})
+        except (OSError, ValueError, AttributeError):
+            old = {}
+    data = {"preset": preset, "seeds": list(seeds),
+            "checks": {**{k: v for k, v in old.items() if k in keep}, **check_plans(checks, preset, seeds)}}
+    atomic_write_bytes(out / PLAN_FILE, plan_bytes(data))
+    return data
+
+
 def _claim_order(name: str) -> int:
     try:
         return int(str(name)[1:])
@@ -147,6 +198,8 @@ def run_checks(checks: Sequence[Any], preset: str, out: Path, seeds: list[int], 
     meta: dict[str, Any] = {"preset": preset, "seeds": seeds, "started": started, "versions": versions(),
                             "wall_s": 0.0, "command": " ".join(sys.argv), "requested": [c.name for c in checks],
                             "vmap_seeds": vmap_seeds}
+    plans = write_plan(out, checks, preset, ctx.seeds, keep=[r.name for r in previous])
+    meta["plan_sha256"] = plan_sha256(plans)
     earlier = {r.name: r for r in previous}
     prev_started = dict((previous_meta or {}).get("started_of") or {})
     started_of = {n: prev_started.get(n, (previous_meta or {}).get("started", "?")) for n in earlier}

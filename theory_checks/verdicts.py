@@ -68,6 +68,16 @@ class Verdict:
     mde: float | None = None
     p_fail: float | None = None
     source: str | None = None
+    #: per-seed values the verdict was decided from (for the leave-one-seed-out boundary flag)
+    values: list[float] | None = None
+    #: bound parts: per seed, whether the pass bound / the failure bound was met
+    seed_ok: list[bool] | None = None
+    seed_bad: list[bool] | None = None
+    #: margin parts: the pre-registered margin
+    margin: float | None = None
+    #: set by the judge: "primary", "context" or "implementation"; and the leave-one-seed-out flag
+    role: str | None = None
+    near_boundary: str | None = None
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
@@ -128,7 +138,8 @@ def effect_verdict(effects: Iterable[float], delta: float, *, what: str = "effec
     src = f" (delta from {source})" if source else ""
     desc = (f"{what} per seed {_fmt_list(e)}, mean {fmt(m)}, one-sided 95% bounds [{fmt(lo)}, {fmt(hi)}], "
             f"delta {fmt(delta)}{src}, MDE {fmt(mde)}")
-    kw = dict(kind="effect", mean=m, lo=lo, hi=hi, delta=float(delta), mde=mde, p_fail=p_fail, source=source or None)
+    kw = dict(kind="effect", mean=m, lo=lo, hi=hi, delta=float(delta), mde=mde, p_fail=p_fail, source=source or None,
+              values=[float(x) for x in e])
     if n < min_seeds:
         return Verdict("INCONCLUSIVE", agree, n, f"only {n} seed(s), need >= {min_seeds}; {desc}", **kw)
     if not finite.all():
@@ -144,13 +155,19 @@ def effect_verdict(effects: Iterable[float], delta: float, *, what: str = "effec
 
 
 def bound_verdict(values: Iterable[float], *, passes: Callable[[float], bool], fails: Callable[[float], bool],
-                  what: str, bound: str, fail_bound: str, min_seeds: int = MIN_SEEDS) -> Verdict:
-    """Decide from per-seed measurements that should satisfy a bound (identities, sandwiches).
+                  what: str, bound: str, fail_bound: str, min_seeds: int = MIN_SEEDS, kind: str = "bound") -> Verdict:
+    """Decide from per-seed measurements that should satisfy a bound.
 
     PASS: ``passes(v)`` for every seed. FAIL: ``fails(v)`` for a strict majority of seeds.
     INCONCLUSIVE: otherwise, or fewer than ``min_seeds`` seeds. ``bound``/``fail_bound`` are the
     bounds in words (e.g. "<= 1e-5") for the reason string. NaN/inf never pass.
+
+    ``kind``: "exact" for identities and algebraic bounds whose thresholds are float tolerances
+    (they may decide an implementation check); "bound" (default) for judgement thresholds, which
+    carry no error control: the judge never lets such a part decide a verdict (context only).
     """
+    if kind not in ("bound", "exact"):
+        raise ValueError(f"kind: got {kind!r}; allowed: bound (a judgement threshold), exact (a float tolerance)")
     if not callable(passes) or not callable(fails):
         raise ValueError("passes and fails must be callables float -> bool")
     v = _as_values(values, "values")
@@ -160,13 +177,71 @@ def bound_verdict(values: Iterable[float], *, passes: Callable[[float], bool], f
     agree, against = sum(ok), sum(bad)
     desc = f"{what} per seed {_fmt_list(v)} (pass: {bound} in every seed; fail: {fail_bound} in a majority)"
     mean = float(np.mean(v)) if n else None
+    kw = dict(kind=kind, mean=mean, values=[float(x) for x in v], seed_ok=ok, seed_bad=bad)
+    return _bound_decision(agree, against, n, min_seeds, desc, kw)
+
+
+def _bound_decision(agree: int, against: int, n: int, min_seeds: int, desc: str, kw: dict[str, Any]) -> Verdict:
     if n < min_seeds:
-        return Verdict("INCONCLUSIVE", agree, n, f"only {n} seed(s), need >= {min_seeds}; {desc}", mean=mean)
+        return Verdict("INCONCLUSIVE", agree, n, f"only {n} seed(s), need >= {min_seeds}; {desc}", **kw)
     if agree == n:
-        return Verdict("PASS", agree, n, f"bound met in {agree}/{n} seeds; {desc}", mean=mean)
+        return Verdict("PASS", agree, n, f"bound met in {agree}/{n} seeds; {desc}", **kw)
     if against > n / 2:
-        return Verdict("FAIL", agree, n, f"failure bound hit in {against}/{n} seeds; {desc}", mean=mean)
-    return Verdict("INCONCLUSIVE", agree, n, f"bound met in only {agree}/{n} seeds; {desc}", mean=mean)
+        return Verdict("FAIL", agree, n, f"failure bound hit in {against}/{n} seeds; {desc}", **kw)
+    return Verdict("INCONCLUSIVE", agree, n, f"bound met in only {agree}/{n} seeds; {desc}", **kw)
+
+
+def margin_verdict(harms: Iterable[float], margin: float, *, what: str = "harm", source: str = "",
+                   min_seeds: int = MIN_SEEDS) -> Verdict:
+    """A non-inferiority test with error control: per-seed ``harms`` (e.g. a loss increase; the
+    prediction is that the harm stays below ``margin``), one-sided 95% t bounds over seeds.
+
+    PASS when the upper bound < margin (the data exclude a harm >= margin); FAIL when the lower
+    bound > margin (the data exclude a harm below the margin); INCONCLUSIVE otherwise. Each
+    direction errs at most 5% at the boundary (harm = margin). ``p_fail`` = P(T >= (m - margin)/SE),
+    the one-sided p-value of "harm <= margin", so such FAILs enter Holm's correction like effect
+    parts. ``margin`` > 0 is fixed before the run (``source`` says where it comes from).
+    """
+    h = _as_values(harms, "harms")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin <= 0:
+        raise ValueError(f"margin: must be a finite number, got {margin!r}; allowed: > 0 (the largest acceptable "
+                         "harm, stated before the run)")
+    n = int(h.size)
+    finite = np.isfinite(h)
+    agree = int(np.sum(finite & (h < margin)))
+    m, se, lo, hi = t_bounds(h)
+    p_fail = float(stats.t.sf((m - margin) / se, n - 1)) if n >= 2 and se > 0 and math.isfinite(se) else \
+        (0.0 if math.isfinite(m) and n >= 2 and m > margin else 1.0)
+    src = f" (margin from {source})" if source else ""
+    desc = (f"{what} per seed {_fmt_list(h)}, mean {fmt(m)}, one-sided 95% bounds [{fmt(lo)}, {fmt(hi)}], "
+            f"margin {fmt(margin)}{src}")
+    kw = dict(kind="margin", mean=m, lo=lo, hi=hi, margin=float(margin), p_fail=p_fail, source=source or None,
+              values=[float(x) for x in h], mde=min_detectable_effect(se, n))
+    if n < min_seeds:
+        return Verdict("INCONCLUSIVE", agree, n, f"only {n} seed(s), need >= {min_seeds}; {desc}", **kw)
+    if not finite.all():
+        return Verdict("INCONCLUSIVE", agree, n, f"{int(np.sum(~finite))} non-finite value(s); {desc}", **kw)
+    if hi < margin:
+        return Verdict("PASS", agree, n, f"upper bound < margin: a harm >= margin is excluded; {desc}", **kw)
+    if lo > margin:
+        return Verdict("FAIL", agree, n, f"lower bound > margin: the data exclude a harm below the margin; {desc}",
+                       **kw)
+    return Verdict("INCONCLUSIVE", agree, n, f"the bounds straddle the margin; {desc}", **kw)
+
+
+def redecide(v: Verdict, keep: Sequence[int], min_seeds: int = 2) -> Verdict:
+    """The verdict ``v`` would have on the seeds at positions ``keep`` (same rule, same delta or
+    margin or bounds; ``min_seeds`` lowered to 2 so that leaving one seed out of 3 still decides).
+    Parts without stored per-seed values are returned unchanged."""
+    if v.kind == "effect" and v.values is not None and v.delta is not None:
+        return effect_verdict([v.values[i] for i in keep], v.delta, min_seeds=min_seeds)
+    if v.kind == "margin" and v.values is not None and v.margin is not None:
+        return margin_verdict([v.values[i] for i in keep], v.margin, min_seeds=min_seeds)
+    if v.kind in ("bound", "exact") and v.seed_ok is not None and v.seed_bad is not None:
+        ok = [v.seed_ok[i] for i in keep]
+        bad = [v.seed_bad[i] for i in keep]
+        return _bound_decision(sum(ok), sum(bad), len(keep), min_seeds, "", dict(kind=v.kind))
+    return v
 
 
 def holm_rejections(pvalues: Sequence[float], alpha: float = ALPHA) -> list[bool]:
@@ -182,33 +257,51 @@ def holm_rejections(pvalues: Sequence[float], alpha: float = ALPHA) -> list[bool
     return rej.tolist()
 
 
-def combine(parts: Mapping[str, Verdict], primary: str | None = None) -> Verdict:
-    """The check's verdict from its parts (module docstring): the ``primary`` part's, or PASS when
-    every part passes, FAIL when a part's FAIL survives Holm's correction, INCONCLUSIVE otherwise.
+def combine(parts: Mapping[str, Verdict], primary: str | Sequence[str] | None = None) -> Verdict:
+    """The check's verdict from its parts (module docstring).
 
-    ``agree``/``n`` are those of the primary part, else of the weakest part.
+    ``primary``: one part name (its verdict is the check's) or a set of names: the verdict then
+    comes from those parts ONLY (the others are reported beside it, never decide it) by the rule
+    below. Without ``primary`` every part enters. PASS when every deciding part passes; FAIL when a
+    deciding part's FAIL survives Holm's correction over the deciding effect and margin parts, or
+    an "exact" bound part fails; a FAIL of a judgement bound part (kind "bound": no error control)
+    never fails the check; INCONCLUSIVE otherwise.
+
+    ``agree``/``n`` are those of the primary part, else of the weakest deciding part.
     """
     if not parts:
         raise ValueError("combine needs at least one part")
     listing = ", ".join(f"{k}: {p.verdict}" for k, p in parts.items())
-    if primary is not None:
+    if isinstance(primary, str):
         if primary not in parts:
             raise ValueError(f"primary: unknown part {primary!r}; allowed: {', '.join(parts)}")
         p = parts[primary]
         return dataclasses.replace(p, reason=f"primary part {primary}: {p.verdict} ({listing}); {p.reason}")
+    if primary is not None:
+        primary = list(primary)
+        unknown = [k for k in primary if k not in parts]
+        if unknown or not primary:
+            raise ValueError(f"primary: unknown or empty part set {unknown or primary!r}; allowed: {', '.join(parts)}")
+        context = [k for k in parts if k not in primary]
+        decided = combine({k: parts[k] for k in primary})
+        extra = f"; context parts (not deciding): {', '.join(f'{k}: {parts[k].verdict}' for k in context)}" \
+            if context else ""
+        return dataclasses.replace(decided, reason=f"primary parts decide: {decided.reason}{extra}")
     vs = list(parts.values())
     weakest = min(vs, key=lambda p: (p.agree / p.n) if p.n else 0.0)
     if all(p.verdict == "PASS" for p in vs):
         return Verdict("PASS", weakest.agree, weakest.n, f"every part passes ({listing})")
-    effect = [(k, p) for k, p in parts.items() if p.kind == "effect" and p.p_fail is not None]
+    effect = [(k, p) for k, p in parts.items() if p.kind in ("effect", "margin") and p.p_fail is not None]
     holm = dict(zip([k for k, _ in effect], holm_rejections([p.p_fail for _, p in effect]))) if effect else {}
     failed = [k for k, p in parts.items()
-              if p.verdict == "FAIL" and (p.kind != "effect" or holm.get(k, False))]
+              if p.verdict == "FAIL" and (holm.get(k, False) if p.kind in ("effect", "margin") else p.kind != "bound")]
     if failed:
         return Verdict("FAIL", weakest.agree, weakest.n,
                        f"failed part(s) {failed} after Holm's correction over {len(effect)} effect part(s) ({listing})")
-    unheld = [k for k, p in parts.items() if p.verdict == "FAIL"]
+    unheld = [k for k, p in parts.items() if p.verdict == "FAIL" and p.kind in ("effect", "margin")]
+    judged = [k for k, p in parts.items() if p.verdict == "FAIL" and p.kind == "bound"]
     extra = f"; FAIL of {unheld} does not survive Holm's correction" if unheld else ""
+    extra += (f"; FAIL of {judged} is a judgement bound without error control and decides nothing" if judged else "")
     return Verdict("INCONCLUSIVE", weakest.agree, weakest.n, f"not every part decided ({listing}){extra}")
 
 
