@@ -99,7 +99,7 @@ def test_bound_verdict_and_combine():
     v = bound_verdict([1e-5, 1e-7, 1e-7], **ok)
     assert (v.verdict, v.agree) == ("INCONCLUSIVE", 2)
     assert bound_verdict([1e-7, math.nan, 1e-7], **ok).verdict == "INCONCLUSIVE"
-    p, f, i = Verdict("PASS", 3, 3, ""), Verdict("FAIL", 0, 3, ""), Verdict("INCONCLUSIVE", 2, 3, "")
+    p, f, i = Verdict("PASS", 3, 3, ""), Verdict("FAIL", 0, 3, "", kind="exact"), Verdict("INCONCLUSIVE", 2, 3, "")
     assert combine({"a": p, "b": p}).verdict == "PASS"
     assert combine({"a": p, "b": f, "c": i}).verdict == "FAIL"
     c = combine({"a": p, "b": i})
@@ -309,6 +309,17 @@ def test_every_check_runs_in_smoke_and_is_well_formed(smoke_report):
     assert {"G3", "G5", "G12"} <= together
     for r in results:
         assert f"| {r['name']} " in md and f"### {r['name']}:" in md
+    # pre-registered: every check has a plan, trained only its planned arms, and the report names the plan's hash
+    plan = json.loads((out / "plan.json").read_text())
+    assert set(plan["checks"]) == {r["name"] for r in results}
+    for r in results:
+        p = plan["checks"][r["name"]]
+        assert p.get("parts"), r["name"]
+        assert r["unplanned"] == [], (r["name"], r["unplanned"])
+        assert set(r["parts"]) == {q["name"] for q in p["parts"]}, r["name"]
+        assert r["section"] == p["section"]
+    assert f"SHA-256 `{data['plan_sha256']}`" in md
+    assert {r["name"] for r in results if r["section"] == "implementation"} == {"G1", "G2"}
 
 
 def test_smoke_exact_checks_pass(smoke_report):

@@ -26,7 +26,22 @@ from gradsparse.models import default_trainable
 from gradsparse.step import make_eval_fn
 from theory_checks.context import BASE, base_config, base_runs, Context, describe, heldout
 from theory_checks.protocol import Check, Finding
+from theory_checks.plan import CheckPlan, PartPlan, arm
 from theory_checks.verdicts import bound_verdict, fmt, mean_sd
+
+#: an implementation check: the identity is algebra, its tolerance float32 rounding (no effect size)
+PARTS = [PartPlan("identity", "exact", "implementation",
+                  "largest relative error (per-token identity, monitor vs vmap(grad))",
+                  why="", source="float32 summation of n terms: n * eps32")]
+
+
+def plan(preset: str, p: dict[str, Any]) -> CheckPlan:
+    return CheckPlan(arms=[arm("relu" if a == "relu" else a,
+                               base_config(preset) if a == "relu" else base_config(preset, activation=a,
+                                                                                    flatness_every=0))
+                           for a in p["activations"]], parts=list(PARTS),
+                     notes=["implementation check: a unit test of the monitors and probes on trained models, not "
+                            "evidence for the theory"])
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -101,11 +116,11 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
         return [max(v[i::len(ctx.seeds)]) for i in range(len(ctx.seeds))]
 
     worst = by_seed(worst_all)
-    verdict = bound_verdict(worst, passes=lambda v: v <= tol, fails=lambda v: v > 1e-3,
-                            what="largest relative error (per-token identity, monitor vs vmap(grad))",
-                            bound=f"<= n*eps32 = {fmt(tol)}", fail_bound="> 1e-3")
+    verdict = bound_verdict(worst, passes=lambda v: v <= tol, fails=lambda v: v > 1e-3, kind="exact",
+                            what=PARTS[0].what, bound=f"<= n*eps32 = {fmt(tol)}", fail_bound="> 1e-3")
     return Finding(
-        verdict,
+        None,
+        parts={"identity": verdict},
         measured=(f"max per-token |count - rhs|/count {fmt(max(max_err))} (vmap(grad)); monitor relerr "
                   f"{fmt(max(mon_err))}; monitor vs independent means {fmt(max(mean_gap))}; tolerance {fmt(tol)} "
                   f"({len(ctx.seeds)} seeds x activations {list(p['activations'])}, {sum(n_tokens)} tokens)"),
@@ -134,4 +149,5 @@ CHECK = Check(
         "full": {"base": BASE["full"], "tokens": 512, "activations": ("relu", "jsrelu", "gelu")},
     },
     run=run,
+    plan=plan,
 )

@@ -20,7 +20,23 @@ import numpy as np
 from gradsparse.models import LayerNorm, ResidualMLP, zero_probes
 from theory_checks.context import BASE, base_config, base_runs, Context, heldout, describe
 from theory_checks.protocol import Check, Finding, Unavailable
-from theory_checks.verdicts import bound_verdict, combine, fmt, Verdict
+from theory_checks.plan import CheckPlan, PartPlan, arm
+from theory_checks.verdicts import bound_verdict, fmt, Verdict
+
+#: an implementation check: both parts are algebra with float tolerances
+PARTS = [PartPlan("no_affine_equals_d", "exact", "implementation",
+                  "max | ||LN(h)||^2 - d var/(var+eps) | / d (non-affine LN, trained residual streams)",
+                  source="algebra; float32 tolerance 1e-5"),
+         PartPlan("restricted_at_least_d", "exact", "implementation",
+                  "min over tokens of ||x_t||^2 / (d var/(var+eps)) (restricted LN)",
+                  source="algebra; float32 tolerance 1e-5")]
+
+
+def plan(preset: str, p: dict[str, Any]) -> CheckPlan:
+    return CheckPlan(arms=[arm("vanilla", base_config(preset)),
+                           arm("restricted_ln", base_config(preset, restricted_ln=True, flatness_every=0))],
+                     parts=list(PARTS),
+                     notes=["implementation check: the LayerNorm algebra the theory's ||x||^2 lever rests on"])
 
 
 def residual_streams(model: Any, x: np.ndarray) -> list[np.ndarray]:
@@ -57,7 +73,7 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
             ratios.append(nsq / d)
         dev_a.append(float(max(devs)))
         ratio_a.append(float(np.min(np.concatenate(ratios))))
-    part_a = bound_verdict(dev_a, passes=lambda v: v <= 1e-5, fails=lambda v: v > 1e-3,
+    part_a = bound_verdict(dev_a, passes=lambda v: v <= 1e-5, fails=lambda v: v > 1e-3, kind="exact",
                            what="max | ||LN(h)||^2 - d var/(var+eps) | / d (non-affine LN, trained residual streams)",
                            bound="<= 1e-5", fail_bound="> 1e-3")
     parts = {"no_affine_equals_d": part_a}
@@ -67,7 +83,7 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
     try:
         runs_b = base_runs(ctx, restricted_ln=True)
     except Unavailable as e:  # report it, keep part (a)
-        parts["restricted_at_least_d"] = Verdict("INCONCLUSIVE", 0, len(ctx.seeds), str(e))
+        parts["restricted_at_least_d"] = Verdict("INCONCLUSIVE", 0, len(ctx.seeds), str(e), kind="exact")
         measured += f"; restricted LN not measured ({e})"
     else:
         min_b, gmin_b, mean_b, shift_b = [], [], [], []
@@ -87,7 +103,7 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
             shift_b.append(float(max((0.0 if b.ln.bias is None else float(np.max(np.abs(np.asarray(b.ln.bias)))))
                                      for b in m.mlp_blocks())))
         parts["restricted_at_least_d"] = bound_verdict(
-            min_b, passes=lambda v: v >= 1 - 1e-5, fails=lambda v: v < 1 - 1e-3,
+            min_b, passes=lambda v: v >= 1 - 1e-5, fails=lambda v: v < 1 - 1e-3, kind="exact",
             what="min over tokens of ||x_t||^2 / (d var/(var+eps)) (restricted LN)", bound=">= 1 - 1e-5",
             fail_bound="< 1 - 1e-3")
         per_seed.update({"restricted_min_ratio": min_b, "restricted_mean_norm2_over_d": mean_b,
@@ -101,7 +117,7 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
         _, aux = m(jnp.asarray(x), zero_probes(m.mlp_blocks(), x.shape[0]))
         aff.append(float(min(np.min(np.sum(np.asarray(a["x"]) ** 2, -1) / a["x"].shape[-1]) for a in aux)))
     per_seed["affine_min_norm2_over_d"] = aff
-    return Finding(combine(parts), measured, per_seed=per_seed, parts=parts, model=describe(base_config(ctx.preset)),
+    return Finding(None, measured, per_seed=per_seed, parts=parts, model=describe(base_config(ctx.preset)),
                    numbers={"affine_min_norm2_over_d": min(aff)},
                    notes=[f"held-out batch of {x.shape[0]}; the ordinary affine LN of the baseline reaches "
                           f"min ||x||^2/d = {fmt(min(aff))} (no bound predicted there)"])
@@ -120,4 +136,5 @@ CHECK = Check(
     presets={"smoke": {"base": BASE["smoke"], "tokens": 64}, "quick": {"base": BASE["quick"], "tokens": 512},
              "full": {"base": BASE["full"], "tokens": 1000}},
     run=run,
+    plan=plan,
 )

@@ -4,8 +4,9 @@ Li et al. (arXiv 2210.06313) found activation sparsity with random labels and wi
 (so it is not about the data's structure), and more of it in larger models. Measured on the
 baseline architecture: (a) mnist1d inputs with random labels ('random_labels'), (b) iid Gaussian
 inputs with random labels ('random_inputs'): density falls from init as in G3; (c) twice the depth
-and (d) twice the width vs the baseline: lower final density. Density: training batches, first log
-vs mean over the last 10% of logs (held-out labels are random too, so train is the natural split).
+and (d) twice the width vs the baseline: lower final density. Density: the held-out batch, blocks
+2..L, first log vs mean over the last 10% of logs (density needs no labels, so the held-out inputs
+serve for the random-label arm too). Every part is primary: each is one of Lazy Neuron's controls.
 """
 
 from __future__ import annotations
@@ -17,19 +18,42 @@ import numpy as np
 from gradsparse.figures import plot_bars
 from theory_checks.context import tail, BASE, base_config, base_runs, Context, describe, late_blocks, per_block_end
 from theory_checks.protocol import Check, Finding
-from theory_checks.verdicts import combine, effect_verdict, mean_sd
+from theory_checks.plan import CheckPlan, PartPlan, arm
+from theory_checks.verdicts import effect_verdict, mean_sd
 
 MIN_DROP = 0.10      # as G3
 DROP_SOURCE = "as G3: 'well below 0.5' read as <= 0.4"
 MIN_SIZE = 0.01
 SIZE_SOURCE = "one point of density: ~2x the seed spread (+-0.005) of the quick logs"
+WHY = {"random_labels": "Lazy Neuron: sparsity without the data's label structure (it is not about the labels)",
+       "random_inputs": "Lazy Neuron: sparsity without the data's input structure",
+       "deeper": "Lazy Neuron: larger (deeper) models are sparser", "wider": "Lazy Neuron: larger (wider) models are "
+                                                                          "sparser"}
+
+
+def _arms(preset: str) -> dict[str, dict[str, Any]]:
+    base = BASE[preset]
+    return {"random_labels": dict(data="random_labels"), "random_inputs": dict(data="random_inputs"),
+            "deeper": dict(depth=2 * base["depth"]), "wider": dict(width=2 * base["width"])}
+
+
+def part_plan(name: str) -> PartPlan:
+    if name.startswith("random"):
+        return PartPlan(f"{name}_sparsify", "effect", "primary",
+                        f"{name}: held-out density drop, blocks 2..L (start - end)", MIN_DROP, DROP_SOURCE,
+                        why=WHY[name])
+    return PartPlan(f"{name}_sparser", "effect", "primary", f"density(baseline) - density({name}), held-out, blocks 2..L",
+                    MIN_SIZE, SIZE_SOURCE, why=WHY[name])
+
+
+def plan(preset: str, p: dict[str, Any]) -> CheckPlan:
+    arms = [arm("baseline", base_config(preset))]
+    arms += [arm(a, base_config(preset, flatness_every=0, **kw)) for a, kw in _arms(preset).items() if a in p["arms"]]
+    return CheckPlan(arms=arms, parts=[part_plan(a) for a in _arms(preset) if a in p["arms"]])
 
 
 def run(ctx: Context, p: dict[str, Any]) -> Finding:
-    base = BASE[ctx.preset]
-    arms = {"random_labels": dict(data="random_labels"), "random_inputs": dict(data="random_inputs"),
-            "deeper": dict(depth=2 * base["depth"]), "wider": dict(width=2 * base["width"])}
-    arms = {a: kw for a, kw in arms.items() if a in p["arms"]}
+    arms = {a: kw for a, kw in _arms(ctx.preset).items() if a in p["arms"]}
     ref = base_runs(ctx)
     d_ref = [late_blocks(r.history, "heldout/density") for r in ref]
     parts, per_seed, measured = {}, {"density_baseline": d_ref}, [f"baseline density end {mean_sd(d_ref)}"]
@@ -46,13 +70,13 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
         ser[arm] = d1
         if arm.startswith("random"):
             parts[f"{arm}_sparsify"] = effect_verdict([a - b for a, b in zip(d0, d1)], MIN_DROP, source=DROP_SOURCE,
-                                                      what=f"{arm}: held-out density drop, blocks 2..L (start - end)")
+                                                      what=part_plan(arm).what)
             measured.append(f"{arm}: density {mean_sd(d0)} -> {mean_sd(d1)}")
         else:
             parts[f"{arm}_sparser"] = effect_verdict([a - b for a, b in zip(d_ref, d1)], MIN_SIZE, source=SIZE_SOURCE,
-                                                     what=f"density(baseline) - density({arm}), held-out, blocks 2..L")
+                                                     what=part_plan(arm).what)
             measured.append(f"{arm} ({', '.join(f'{k} {v}' for k, v in kw.items())}): density end {mean_sd(d1)}")
-    return Finding(combine(parts), "; ".join(measured), per_seed=per_seed, parts=parts, series=ser, numbers=numbers,
+    return Finding(None, "; ".join(measured), per_seed=per_seed, parts=parts, series=ser, numbers=numbers,
                    model=describe(base_config(ctx.preset)),
                    notes=["density: held-out, blocks 2..L (the deeper arm's blocks 2..4 against the baseline's block 2); "
                           "per-block values in the table"])
@@ -60,7 +84,7 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
 
 def figures(ser: dict[str, Any], out_dir) -> list:
     groups = {k.replace("_", " "): {"final density": v} for k, v in ser.items()}
-    return plot_bars(groups, out_dir / "g14_controls", ylabel="final density (train)",
+    return plot_bars(groups, out_dir / "g14_controls", ylabel="final held-out density, blocks 2..L",
                      title="G14: Lazy Neuron controls")
 
 
@@ -79,4 +103,5 @@ CHECK = Check(
                  ("random_labels", "random_inputs", "deeper", "wider")} for k in ("smoke", "quick", "full")},
     run=run,
     figures=figures,
+    plan=plan,
 )

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from gradsparse.figures_spectra import FORMATS
 from gradsparse.io import atomic_write_json, atomic_write_text, json_ready
 from theory_checks.protocol import CheckResult
-from theory_checks.verdicts import fmt
+from theory_checks.verdicts import fmt, holm_rejections
 
 #: how a smoke-preset report labels itself and every verdict
 SMOKE_NOTE = "smoke: a code-path test, not evidence"
@@ -79,20 +79,35 @@ def render_markdown(results: Sequence[Any], meta: dict[str, Any]) -> str:
         kept = [f"{n} (started {started_of.get(n, '?')})" for n in meta.get("kept") or []]
         lines += [f"Merged into the report that was in this folder: re-run and replaced "
                   f"{_names(meta.get('replaced'))}; kept from earlier runs {_names(kept)}.", ""]
+    if meta.get("plan_sha256"):
+        lines += [f"Pre-registered plan: `plan.json`, SHA-256 `{meta['plan_sha256']}`, written before the first "
+                  "training run: every check's arms, seeds, parts (primary / context / implementation, with delta "
+                  "and its source) and gates. Only primary parts decide a verdict.", ""]
     lines += [
         "Verdicts come from the measured numbers by the rule stated in each check (see the details below); a "
-        "verdict other than INCONCLUSIVE needs at least 3 seeds.",
+        "verdict other than INCONCLUSIVE needs at least 3 seeds. A PASS certifies the predicted sign at 5% (lower "
+        "bound > 0) with a point estimate above delta; it does not certify an effect of at least delta.",
         "",
-        "| Claim | Prediction | Measured | Verdict | Figures |",
-        "| --- | --- | --- | --- | --- |",
     ]
-    for r in results:
-        figs = " ".join(f"[{Path(f).stem}]({f})" for f in r.figures if f.endswith(".png")) or "-"
-        verdict = f"**{r.verdict}** ({r.agree}/{r.n} seeds)" if not r.error else "**CRASHED**"
-        if r.preset == "smoke":
-            verdict += f"; {SMOKE_NOTE}"
-        lines.append(f"| {r.name} {_cell(r.title)} | {_cell(r.claim)} | {_cell(r.measured)} | {verdict} | {figs} |")
-    lines += ["", "## Details", ""]
+    theory = [r for r in results if getattr(r, "section", "theory") != "implementation"]
+    impl = [r for r in results if getattr(r, "section", "theory") == "implementation"]
+    for title, group in (("Theory evidence", theory), ("Implementation checks (identities: unit tests of the "
+                                                       "measurement, not evidence for the theory)", impl)):
+        if not group:
+            continue
+        lines += [f"## {title}", "", "| Claim | Prediction | Measured | Verdict | Figures |",
+                  "| --- | --- | --- | --- | --- |"]
+        for r in group:
+            figs = " ".join(f"[{Path(f).stem}]({f})" for f in r.figures if f.endswith(".png")) or "-"
+            verdict = f"**{r.verdict}** ({r.agree}/{r.n} seeds)" if not r.error else "**CRASHED**"
+            if getattr(r, "near_boundary", None):
+                verdict += f"; {r.near_boundary}"
+            if r.preset == "smoke":
+                verdict += f"; {SMOKE_NOTE}"
+            lines.append(f"| {r.name} {_cell(r.title)} | {_cell(r.claim)} | {_cell(r.measured)} | {verdict} | {figs} |")
+        lines.append("")
+    lines += multiplicity_lines(theory)
+    lines += ["## Details", ""]
     for r in results:
         lines += [f"### {r.name}: {r.title}", "",
                   f"- Model: {r.model or 'see the check'}",
@@ -109,10 +124,17 @@ def render_markdown(results: Sequence[Any], meta: dict[str, Any]) -> str:
                          f"{'met' if g['ok'] else 'NOT met'}){': ' + g['what'] if g.get('what') else ''}")
         for note in r.notes:
             lines.append(f"- Note: {note}")
+        if getattr(r, "unplanned", None):
+            lines.append(f"- WARNING: runs trained that the plan did not declare: {_names(r.unplanned)}")
+        if getattr(r, "near_boundary", None):
+            lines.append(f"- Boundary (leave one seed out): {r.near_boundary}")
         if r.parts:
-            lines += ["", "| Part | Verdict | Agree | Reason |", "| --- | --- | --- | --- |"]
+            lines += ["", "| Part | Role | Verdict | Agree | p_fail | Boundary | Reason |",
+                      "| --- | --- | --- | --- | --- | --- | --- |"]
             for k, pv in r.parts.items():
-                lines.append(f"| {_cell(k)} | {pv['verdict']} | {pv['agree']}/{pv['n']} | {_cell(pv['reason'])} |")
+                pf = fmt(pv["p_fail"]) if pv.get("p_fail") is not None and pv.get("kind") in ("effect", "margin") else "-"
+                lines.append(f"| {_cell(k)} | {pv.get('role') or '-'} | {pv['verdict']} | {pv['agree']}/{pv['n']} | "
+                             f"{pf} | {_cell(pv.get('near_boundary') or '-')} | {_cell(pv['reason'])} |")
         if r.per_seed:
             lines += ["", "| Per seed | " + " | ".join(f"seed {s}" for s in r.seeds) + " |",
                       "| --- | " + " | ".join("---" for _ in r.seeds) + " |"]
@@ -124,6 +146,35 @@ def render_markdown(results: Sequence[Any], meta: dict[str, Any]) -> str:
                 lines += ["", f"![{Path(f).stem}]({f})"]
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def multiplicity_lines(theory: Sequence[Any], alpha: float = 0.05) -> list[str]:
+    """The suite-level multiplicity statement: how many theory checks were decided, the expected
+    number of false FAILs if every predicted effect were exactly its delta (each check's false-FAIL
+    rate is at most ``alpha``, Holm within the check), and which FAILs survive Holm's correction
+    across the checks (each failed check's smallest primary p_fail)."""
+    decided = [r for r in theory if not r.error and r.parts]
+    if not decided:
+        return []
+    pf: dict[str, float] = {}
+    for r in decided:
+        if r.verdict != "FAIL":
+            continue
+        ps = [pv["p_fail"] for pv in r.parts.values() if pv.get("role") == "primary" and pv["verdict"] == "FAIL"
+              and pv.get("p_fail") is not None and pv.get("kind") in ("effect", "margin")]
+        pf[r.name] = min(ps) if ps else 0.0
+    k = len(decided)
+    fails = list(pf)
+    # Holm over all k decided checks (a check that did not fail enters with p = 1)
+    rej = holm_rejections([pf[n] for n in fails] + [1.0] * (k - len(fails)), alpha)
+    survive = [n for n, ok in zip(fails, rej) if ok]
+    return ["## Multiplicity across the checks", "",
+            f"{k} theory check(s) were decided, each at a false-FAIL rate of at most {alpha:g} when every predicted "
+            f"effect is exactly its delta (Holm's correction over each check's primary parts). Across the suite the "
+            f"expected number of false FAILs is at most {alpha * k:.2f}. FAILs that survive Holm's correction across "
+            f"all {k} checks (family-wise {alpha:g}): {_names(survive)}"
+            + (f"; FAILs that do not: {_names([n for n in fails if n not in survive])}" if fails else "") + ". "
+            "A check's INCONCLUSIVE gate (regime not reached) is not evidence either way.", ""]
 
 
 def write_report(out: Path, results: Sequence[Any], meta: dict[str, Any]) -> None:

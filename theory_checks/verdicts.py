@@ -284,9 +284,9 @@ def combine(parts: Mapping[str, Verdict], primary: str | Sequence[str] | None = 
             raise ValueError(f"primary: unknown or empty part set {unknown or primary!r}; allowed: {', '.join(parts)}")
         context = [k for k in parts if k not in primary]
         decided = combine({k: parts[k] for k in primary})
-        extra = f"; context parts (not deciding): {', '.join(f'{k}: {parts[k].verdict}' for k in context)}" \
+        extra = f"; parts that do not decide: {', '.join(f'{k}: {parts[k].verdict}' for k in context)}" \
             if context else ""
-        return dataclasses.replace(decided, reason=f"primary parts decide: {decided.reason}{extra}")
+        return dataclasses.replace(decided, reason=f"deciding parts (the plan's primaries): {decided.reason}{extra}")
     vs = list(parts.values())
     weakest = min(vs, key=lambda p: (p.agree / p.n) if p.n else 0.0)
     if all(p.verdict == "PASS" for p in vs):
