@@ -87,6 +87,8 @@ class CheckResult:
     near_boundary: str | None = None
     #: runs this check trained that its plan did not declare (should be empty)
     unplanned: list[str] = field(default_factory=list)
+    #: the plan's primary parts: {name: why the mechanism makes it the test}
+    primaries: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self, with_series: bool = False) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -124,6 +124,8 @@ def render_markdown(results: Sequence[Any], meta: dict[str, Any]) -> str:
                          f"{'met' if g['ok'] else 'NOT met'}){': ' + g['what'] if g.get('what') else ''}")
         for note in r.notes:
             lines.append(f"- Note: {note}")
+        for name, why in (getattr(r, "primaries", None) or {}).items():
+            lines.append(f"- Primary (pre-registered) {name}: {why}")
         if getattr(r, "unplanned", None):
             lines.append(f"- WARNING: runs trained that the plan did not declare: {_names(r.unplanned)}")
         if getattr(r, "near_boundary", None):

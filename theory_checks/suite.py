@@ -73,7 +73,8 @@ def run_check(check: Check, ctx: Context, *, fig_dir: Path | None = None) -> Che
         numbers={k: float(x) for k, x in finding.numbers.items()},
         parts={k: p.to_dict() for k, p in parts.items()}, notes=notes, figures=figs,
         elapsed_s=round(time.time() - t0, 2), series=finding.series, gates=[g.to_dict() for g in finding.gates],
-        model=finding.model, section=section, near_boundary=v.near_boundary, unplanned=unplanned)
+        model=finding.model, section=section, near_boundary=v.near_boundary, unplanned=unplanned,
+        primaries={q.name: q.why for q in plan.parts if q.role == "primary"} if plan is not None else {})
 
 
 def crash_result(check: Check, ctx: Context, exc: BaseException, elapsed: float) -> CheckResult:
