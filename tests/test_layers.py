@@ -14,15 +14,15 @@ LAYERS = {
     "gradsparse._validate": 1, "gradsparse.io": 1, "gradsparse.runtime": 1, "gradsparse.parallel": 1,
     "gradsparse.activations": 1,
     "gradsparse.data": 2, "gradsparse.models": 2, "gradsparse.monitors": 2, "gradsparse.flatness": 2,
-    "gradsparse.rmt": 2, "gradsparse.covariance": 2, "gradsparse.weights": 2, "gradsparse.sentences": 2,
+    "gradsparse.rmt": 2, "gradsparse.powerlaw": 2, "gradsparse.covariance": 2, "gradsparse.weights": 2, "gradsparse.sentences": 2,
     "gradsparse.plugins": 3, "gradsparse.config": 3, "gradsparse.figures": 3, "gradsparse.figures_spectra": 3,
     "gradsparse.distill": 3, "gradsparse.nnx": 3, "gradsparse.relufy_config": 3,
     "gradsparse.factory": 4, "gradsparse.step": 4, "gradsparse.memory": 4, "gradsparse.relufy_step": 4,
     "gradsparse.checkpoint": 5, "gradsparse.spectra": 5.1, "gradsparse.measure": 5.2,
     "gradsparse.runfolder": 6,
     "gradsparse.train": 7, "gradsparse.train_seeds": 7, "gradsparse.relufy": 7,
-    "theory_checks.verdicts": 8.0, "theory_checks.protocol": 8.1, "theory_checks.context": 8.2,
-    "theory_checks.g": 8.3, "theory_checks.report": 8.4, "theory_checks.suite": 8.5,
+    "theory_checks.verdicts": 8.0, "theory_checks.plan": 8.05, "theory_checks.protocol": 8.1, "theory_checks.context": 8.2,
+    "theory_checks.g": 8.3, "theory_checks.report": 8.4, "theory_checks.suite": 8.5, "theory_checks.pilot": 8.6,
     "gradsparse.cli": 9, "gradsparse.commands": 9,
 }
 
