@@ -49,17 +49,46 @@ _HINTS = {
 
 
 class _Parser(argparse.ArgumentParser):
+    """One-line errors (exit 2), no prefix matching of long flags (``--step`` is not ``--steps``),
+    and every flag's default in its help line."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, exit 2
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option gets a line; one that takes a value says its default (when it has one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.help is argparse.SUPPRESS:
+            return text
+        if action.option_strings and action.nargs != 0 and "(default" not in text and "%(default)" not in text:
+            if action.default is not None and action.default is not argparse.SUPPRESS:
+                text += (" " if text else "") + "(default: %(default)s)"
+            else:
+                text += (" " if text else "") + ("(required)" if action.required else "(default: none)")
+        return text
+
+
+def build_parser(commands: "set[str] | None" = None) -> argparse.ArgumentParser:
+    """The parser; ``commands``: the subcommands whose modules to import (None: all of them).
+    The others are listed with their one-line help only, so ``gradsparse --help`` imports nothing
+    heavy."""
     parser = _Parser(prog="gradsparse", description=__doc__.splitlines()[0])
     from gradsparse import __version__
 
     parser.add_argument("--version", action="version", version=f"gradsparse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (modname, help_) in COMMANDS.items():
+        if commands is not None and name not in commands:
+            sub.add_parser(name, help=help_, description=help_)
+            continue
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as e:
@@ -70,6 +99,44 @@ def build_parser() -> argparse.ArgumentParser:
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run, _parser=p)
     return parser
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is one), or None."""
+    for a in argv:
+        if a in COMMANDS:
+            return a
+        if not a.startswith("-"):
+            return None
+    return None
+
+
+def unknown_flags_line(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """One line for arguments a subcommand does not know: each named, with the closest flag it
+    has (difflib) when one is close."""
+    import difflib
+
+    known = [s for a in parser._actions for s in a.option_strings]  # argparse has no public list of flags
+    bits = []
+    for i, x in enumerate(extras):
+        if not x.startswith("-") and i > 0 and extras[i - 1].startswith("-") and "=" not in extras[i - 1]:
+            continue  # the value typed after an unknown flag
+        flag = x.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6) if flag.startswith("-") else []
+        bits.append(f"{x!s} (did you mean {close[0]}?)" if close else f"{x!s}")
+    return (f"{parser.prog}: error: unrecognized argument{'s' if len(bits) > 1 else ''}: {', '.join(bits)}; "
+            f"`{parser.prog} --help` lists every flag")
+
+
+def short_usage(parser: argparse.ArgumentParser) -> str:
+    """'usage: gradsparse train --out OUT [flags]': the required flags and positionals only."""
+    need = []
+    for a in parser._actions:
+        if a.option_strings and a.required:
+            need.append(f"{max(a.option_strings, key=len)} {a.metavar or a.dest.upper()}")
+        elif not a.option_strings and a.dest not in ("help",) and not isinstance(a, argparse._SubParsersAction):
+            need.append(a.metavar or a.dest.upper())
+    return f"usage: {parser.prog} {' '.join(need)} [flags]".replace("  ", " ")
 
 
 def _flags(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -152,8 +219,14 @@ def _is_oom(e: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    cmd = _command_of(argv)
+    parser = build_parser({cmd} if cmd else set())
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        sub = getattr(args, "_parser", None) or parser
+        print(short_usage(sub), file=sys.stderr)
+        print(unknown_flags_line(sub, extras), file=sys.stderr)
+        return 2
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

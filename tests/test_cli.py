@@ -44,3 +44,47 @@ def test_train_command_writes_run(tmp_path, capsys):
     assert 0 <= summary["test_accuracy"] <= 1
     # a second run into the same folder is refused without --overwrite
     assert main(["train", "--steps", "30", "--out", str(out), "--quiet"]) == 2
+
+
+# ------------------------------------------------------------------------------------------ flags and help
+def test_every_flag_of_every_subcommand_has_help_and_a_default(capsys):
+    import argparse
+
+    from gradsparse.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0]  # argparse keeps its subcommands there
+    for name, p in sub.choices.items():
+        text = p.format_help()
+        for a in p._actions:
+            if not a.option_strings or a.dest == "help":
+                continue
+            assert (a.help or "").strip(), (name, a.option_strings)
+            if a.nargs != 0:
+                line = p._get_formatter()._get_help_string(a)
+                assert "default" in line or "(required)" in line, (name, a.option_strings, line)
+        assert isinstance(p, argparse.ArgumentParser) and text
+
+
+def test_mistyped_and_abbreviated_flags_are_refused_with_a_suggestion(tmp_path, capsys):
+    from gradsparse.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--stpes", "100", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "gradsparse train: error: unrecognized argument: --stpes (did you mean --steps?)" in err
+    assert "usage: gradsparse train --out OUT [flags]" in err and ", 100" not in err
+    # no prefix matching: --step is not --steps
+    assert main(["train", "--step", "100", "--out", str(out)]) == 2
+    assert "did you mean --steps?" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_top_level_help_imports_no_subcommand():
+    import subprocess
+    import sys
+
+    code = ("import sys; from gradsparse.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('JAX', 'jax' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "COMMAND" in r.stdout and "JAX False" in r.stdout, r.stdout + r.stderr

@@ -68,12 +68,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps (default 0)")
     p.add_argument("--t-up", type=int, help="restricted LN: steps until |gamma| >= 1 (default steps/2)")
     p.add_argument("--t-mix", type=int, help="jsrelu: steps until the ReLU -> JSReLU mix is complete (default steps/2)")
-    p.add_argument("--zeroth-bias-placement", choices=("input", "output"), default="input")
+    p.add_argument("--zeroth-bias-placement", choices=("input", "output"), default="input",
+                   help="where the zeroth bias is added")
     p.add_argument("--zeroth-bias-clip", type=float, default=0.1, help="clip |b0| <= c |gamma| (default 0.1)")
     p.add_argument("--noise", choices=("synapse", "exact"), default="synapse", help="noise kind (default synapse)")
-    p.add_argument("--noise-per", choices=("sample", "batch"), default="sample")
+    p.add_argument("--noise-per", choices=("sample", "batch"), default="sample",
+                   help="exact weight noise drawn per sample or per batch")
     p.add_argument("--rho", type=float, default=0.1, help="noise scale relative to RMS(K) (default 0.1)")
-    p.add_argument("--lora-rank", type=int, default=4)
+    p.add_argument("--lora-rank", type=int, default=4, help="rank r of the LoRA adapters (SPEC 4.6)")
     p.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default: the rank)")
     p.add_argument("--seed", type=int, help="data-order seed (default: the parent run's)")
     p.add_argument("--log-every", type=int, help="log every k steps (default: the parent run's)")

@@ -41,27 +41,52 @@ _FIELDS = ("activation", "width", "mlp_ratio", "depth", "heads", "patch", "seq_l
            "zeroth_bias_clip", "fuse_steps")
 
 
+#: one line per config field for ``--help`` (the default is added from TrainConfig)
+_FIELD_HELP = {
+    "activation": "activation: relu, jsrelu, relu2, gelu, sshaped2(h,sx,sy), ...", "width": "model width d",
+    "mlp_ratio": "hidden units per width, n = mlp_ratio * d", "depth": "number of MLP (or Transformer) blocks",
+    "heads": "attention heads (vit, lm)", "patch": "ViT patch size", "seq_len": "tokens per sample (lm)",
+    "steps": "training steps", "batch_size": "examples per step", "lr": "learning rate",
+    "momentum": "SGD momentum", "weight_decay": "weight decay", "warmup": "warm-up steps of the schedule",
+    "grad_clip": "global gradient-norm clip (0: off)", "seed": "seed of initialisation, data order and noise",
+    "n_train": "training examples used (all when unset)", "n_test": "test examples used (all when unset)",
+    "log_every": "steps between log lines", "eval_batch": "held-out examples the monitors use",
+    "checkpoint_every": "steps between checkpoints (0: at the end only)",
+    "flatness_every": "steps between Hutchinson traces (0: off)", "flatness_probes": "Rademacher probes per trace",
+    "flatness_subset": "fixed training examples for traces (0: the held-out batch)",
+    "label_noise": "fraction of training labels replaced at random", "rho": "synapse-noise scale (SPEC 4.4)",
+    "zeroth_bias_clip": "clip c of the zeroth bias, |b0| <= c |gamma|",
+    "fuse_steps": "plain steps fused into one compiled loop between log points",
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     p.add_argument("--config", type=path_arg, help="JSON file with TrainConfig fields (flags override it)")
     p.add_argument("--model", choices=MODELS, help=f"model (default {d.model})")
     p.add_argument("--data", choices=DATASETS, help=f"dataset (default {d.data}; lm uses text)")
     p.add_argument("--data-path", help="Fashion-MNIST IDX folder or text file for the LM")
-    p.add_argument("--optimizer", choices=OPTIMIZERS)
-    p.add_argument("--schedule", choices=SCHEDULES)
-    p.add_argument("--weight-noise", choices=NOISE_KINDS)
-    p.add_argument("--noise-per", choices=("sample", "batch"))
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help=f"optimizer (default {d.optimizer})")
+    p.add_argument("--schedule", choices=SCHEDULES, help=f"learning-rate schedule (default {d.schedule})")
+    p.add_argument("--weight-noise", choices=NOISE_KINDS,
+                   help=f"weight noise on the key layers, SPEC 4.4 (default {d.weight_noise})")
+    p.add_argument("--noise-per", choices=("sample", "batch"),
+                   help=f"exact weight noise drawn per sample or per batch (default {d.noise_per})")
     p.add_argument("--zeroth-bias", action="store_true", default=None, help="add the zeroth bias (DB-MLP)")
-    p.add_argument("--zeroth-bias-placement", choices=("input", "output"))
+    p.add_argument("--zeroth-bias-placement", choices=("input", "output"),
+                   help=f"where the zeroth bias is added (default {d.zeroth_bias_placement})")
     p.add_argument("--restricted-ln", action="store_true", default=None, help="restricted LayerNorm")
-    p.add_argument("--no-ln-affine", dest="ln_affine", action="store_false", default=None)
+    p.add_argument("--no-ln-affine", dest="ln_affine", action="store_false", default=None,
+                   help="LayerNorms without gain and shift (default: with them)")
     p.add_argument("--plain", dest="residual", action="store_false", default=None, help="plain (non-residual) LN-MLP")
-    p.add_argument("--track-covariance", action="store_true", default=None)
+    p.add_argument("--track-covariance", action="store_true", default=None,
+                   help="carry the decayed input and effective-gradient covariances in the step (SPEC 3.3)")
     types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     for name in _FIELDS:
         t = types[name]
         conv = float if "float" in str(t) else (str if "str" in str(t) else int)
-        p.add_argument("--" + name.replace("_", "-"), type=conv, metavar=name.upper())
+        p.add_argument("--" + name.replace("_", "-"), type=conv, metavar=name.upper(),
+                       help=f"{_FIELD_HELP.get(name, name.replace('_', ' '))} (default {getattr(d, name)})")
     p.add_argument("--out", type=path_arg, required=True, help="run folder to write (must not hold a run already)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run in --out (its checkpoints, log and summary are removed)")
