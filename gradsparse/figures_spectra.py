@@ -1,5 +1,5 @@
-"""Spectrum figures: ESD with Marchenko-Pastur overlays, ratios / near-zero rate / bounds vs step,
-anisotropy vs width.
+"""Spectrum figures: ESD with Marchenko-Pastur overlays, log-log ESD with the fitted power law,
+ratios / near-zero rate / bounds / alpha vs step and vs depth, anisotropy vs width.
 
 Every function takes plain data (arrays, dicts of series, rows), draws on a fresh
 ``matplotlib.figure.Figure`` (Agg canvas, no pyplot state), writes one file per format (PNG and PDF
@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from gradsparse import rmt
+from gradsparse import powerlaw, rmt
 from gradsparse.io import atomic_write_with
 
 __all__ = [
@@ -34,6 +34,10 @@ __all__ = [
     "plot_vs_depth",
     "series_by_layer",
     "plot_model_spectra",
+    "plot_powerlaw_esd",
+    "plot_powerlaw_grid",
+    "plot_alpha_vs_depth",
+    "plot_alpha_vs_step",
 ]
 
 FORMATS = ("png", "pdf")
@@ -211,15 +215,31 @@ def _series_plot(
     title: str | None = None,
     formats: Sequence[str] = FORMATS,
     marker: str = "o",
+    flags: Mapping[str, Any] | None = None,
+    flag_label: str = "fit not ok",
 ) -> list[Path]:
     data = _check_series(series, what)
     fig = _new_figure()
     ax = fig.add_subplot(1, 1, 1)
+    flagged_any = False
     for i, (label, (x, y)) in enumerate(data.items()):
         ok = np.isfinite(x) & np.isfinite(y)
         if logy:
             ok &= y > 0
         ax.plot(x[ok], y[ok], marker=marker, ms=3, lw=1.2, color=f"C{i % 10}", label=label)
+        if flags is not None and label in flags:
+            try:
+                _, fv = flags[label]  # a series of its own: (steps or layers, 1/0 flags)
+            except (TypeError, ValueError):
+                raise ValueError(f"{what}: flags of {label!r} must be a pair (x, flags)") from None
+            f = np.asarray(fv, dtype=np.float64).ravel()
+            if f.shape != y.shape:
+                raise ValueError(f"{what}: flags of {label!r} have {f.size} values, the series {y.size}")
+            bad = ok & (f == 0.0)
+            if bad.any():
+                ax.plot(x[bad], y[bad], ls="none", marker="x", ms=7, color="C3",
+                        label=None if flagged_any else flag_label)
+                flagged_any = True
     for label, v in (hlines or {}).items():
         if v is not None and math.isfinite(float(v)):
             ax.axhline(float(v), color="0.3", ls="--", lw=1)
@@ -403,8 +423,11 @@ def plot_model_spectra(
     * ``esd_role_<role>``: per role, the ESD of ``W W^T / N`` (``N = max(rows, cols)``) of each of its
       matrices (at most ``max_panels``, evenly spread over depth) against the fitted MP law, spikes
       marked; the panel title says the layer, the fitted ``c`` and KS, and whether ``fit_ok``.
-    * ``ratio_vs_depth``, ``mass80_ratio_vs_depth``, ``stable_rank_vs_depth``: per role vs layer
-      index (only when rows carry at least two layer indices).
+    * ``esd_pl_role_<role>`` (rows with a power-law fit): the same matrices' log-log ESD of ``s^2``
+      with the fitted power law and ``xmin`` (:func:`plot_powerlaw_grid`).
+    * ``ratio_vs_depth``, ``mass80_ratio_vs_depth``, ``stable_rank_vs_depth`` and (with power-law
+      fits) ``alpha_vs_depth``: per role vs layer index (only when rows carry at least two layer
+      indices).
 
     Rows with ``error`` or without singular values are left out. Returns the written paths.
     """
@@ -435,6 +458,19 @@ def plot_model_spectra(
             panels.append((label, eigs, r.mp_fit))
         written += plot_esd_grid(panels, out_dir / f"esd_role_{role}", formats=formats,
                                  title=f"{role}: ESD of W W^T / N vs fitted MP (red: spikes)")
+        pl_panels = []
+        for r in group:
+            if getattr(r, "pl_fit", None) is None:
+                continue
+            where = f"layer {r.layer}" if r.layer is not None else r.name.split(".")[-2] if "." in r.name else r.name
+            f = r.pl_fit
+            label = (f"{where} {r.shape[0]}x{r.shape[1]}\nalpha={f.alpha:.3g} D={f.D:.3f} "
+                     f"{'ok' if f.fit_ok else 'NOT ok'}")
+            pl_panels.append((label, r.sv * r.sv, f))
+        if pl_panels:
+            written += plot_powerlaw_grid(pl_panels, out_dir / f"esd_pl_role_{role}", formats=formats,
+                                          title=f"{role}: log-log ESD of W W^T (s^2) with the fitted power law "
+                                                "(red dotted: xmin)")
     layers = {r.layer for r in good if r.layer is not None}
     if len(layers) >= 2:
         for col, ylabel in (("ratio", "s_max / s_min (non-zero)"), ("mass80_ratio", "80%-mass ratio of W W^T"),
@@ -442,4 +478,156 @@ def plot_model_spectra(
             series = series_by_layer(good, col)
             if series:
                 written += plot_vs_depth(series, out_dir / f"{col}_vs_depth", ylabel=ylabel, formats=formats)
+        fitted = [r for r in good if getattr(r, "pl_fit", None) is not None]
+        if fitted:
+            series = series_by_layer(fitted, "alpha")
+            if any(np.isfinite(np.asarray(v[1], dtype=np.float64)).any() for v in series.values()):
+                written += plot_alpha_vs_depth(series, out_dir / "alpha_vs_depth",
+                                               flags=series_by_layer(fitted, "pl_fit_ok"), formats=formats)
     return written
+
+
+# --------------------------------------------------------------------------------------------
+# power law (HT-SR)
+# --------------------------------------------------------------------------------------------
+
+
+def _pl_params(fit: Any) -> tuple[float, float, int, float]:
+    if isinstance(fit, powerlaw.PowerLawFit):
+        return fit.alpha, fit.xmin, fit.n_tail, fit.D
+    if isinstance(fit, Mapping) and "alpha" in fit and "xmin" in fit:
+        return (float(fit["alpha"]), float(fit["xmin"]), int(fit.get("n_tail", 0)),
+                float(fit.get("D", math.nan)))
+    raise ValueError("fit must be a powerlaw.PowerLawFit or a dict with keys 'alpha', 'xmin' "
+                     "(optionally 'n_tail', 'D')")
+
+
+def _draw_pl_esd(ax: Any, lam: np.ndarray, fit: Any = None, *, title: str | None = None, fontsize: float = 7,
+                 thresh: float = powerlaw.EVALS_THRESH) -> None:
+    """Log-log ESD (density per unit eigenvalue, log-spaced bins) of the eigenvalues ``> thresh`` with
+    the fitted power law drawn from ``xmin`` on and ``xmin`` marked."""
+    pos = np.sort(lam[lam > thresh])
+    if pos.size == 0:
+        ax.text(0.5, 0.5, f"no eigenvalue > {thresh:g}", ha="center", va="center", transform=ax.transAxes)
+        return
+    lo, hi = float(pos[0]), float(pos[-1])
+    nb = int(min(60, max(8, pos.size // 5)))
+    edges = np.logspace(math.log10(lo), math.log10(hi) + 1e-9, nb + 1) if hi > lo else np.array([lo * 0.9, hi * 1.1])
+    counts, edges = np.histogram(pos, bins=edges)
+    dens = counts / (np.diff(edges) * pos.size)
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    good = dens > 0
+    ax.step(centres[good], dens[good], where="mid", color="0.45", lw=1.2, label=f"ESD ({pos.size} eigenvalues)")
+    ax.plot(centres[good], dens[good], ls="none", marker=".", ms=3, color="0.3")
+    if fit is not None:
+        alpha, xmin, n_tail, D = _pl_params(fit)
+        if math.isfinite(alpha) and math.isfinite(xmin) and xmin > 0 and alpha > 1:
+            frac = (n_tail if n_tail > 0 else int(np.count_nonzero(pos >= xmin))) / pos.size
+            xs = np.logspace(math.log10(xmin), math.log10(hi), 100)
+            ys = frac * (alpha - 1.0) / xmin * (xs / xmin) ** (-alpha)
+            lab = f"power law: alpha={alpha:.3g}" + (f", D={D:.3f}" if math.isfinite(D) else "")
+            ax.plot(xs, ys, color="C3", lw=2, ls="--", label=lab)
+            ax.axvline(xmin, color="C3", lw=1, ls=":", label=f"xmin={xmin:.3g} ({n_tail} in tail)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue s^2")
+    ax.set_ylabel("density")
+    if title:
+        ax.set_title(title, fontsize=fontsize + 2 if fontsize < 7 else None)
+    ax.legend(fontsize=fontsize)
+
+
+def plot_powerlaw_esd(
+    eigs: Any,
+    out: str | os.PathLike,
+    *,
+    fit: Any = None,
+    title: str | None = None,
+    formats: Sequence[str] = FORMATS,
+) -> list[Path]:
+    """Log-log ESD of ``eigs`` (squared singular values ``s^2``, WeightWatcher's units) with the fitted
+    power law ``p(x) = f (alpha - 1)/xmin (x/xmin)^-alpha`` (``f`` = tail fraction, so the line sits on
+    the ESD) from ``xmin`` to the largest eigenvalue, and ``xmin`` as a dotted line. ``fit``: a
+    :class:`gradsparse.powerlaw.PowerLawFit` or a dict with ``alpha``, ``xmin`` (``n_tail``, ``D``).
+    Eigenvalues ``<= 1e-5`` (left out of the fit) are not drawn."""
+    lam = np.asarray(eigs, dtype=np.float64).ravel()
+    if lam.size == 0 or not np.all(np.isfinite(lam)):
+        raise ValueError("plot_powerlaw_esd needs a non-empty array of finite eigenvalues")
+    fig = _new_figure()
+    ax = fig.add_subplot(1, 1, 1)
+    _draw_pl_esd(ax, lam, fit, title=title)
+    return save_figure(fig, out, formats)
+
+
+def plot_powerlaw_grid(
+    panels: Sequence[tuple[str, Any, Any]],
+    out: str | os.PathLike,
+    *,
+    title: str | None = None,
+    ncols: int = 4,
+    formats: Sequence[str] = FORMATS,
+) -> list[Path]:
+    """Small multiples of :func:`plot_powerlaw_esd`: ``panels`` is ``[(label, eigs, fit), ...]``."""
+    panels = list(panels)
+    if not panels:
+        raise ValueError("plot_powerlaw_grid needs at least one panel")
+    if not (isinstance(ncols, int) and ncols >= 1):
+        raise ValueError(f"ncols: must be an int >= 1, got {ncols!r}")
+    cols = min(ncols, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig = _new_figure((3.4 * cols, 2.7 * nrows))
+    for i, panel in enumerate(panels):
+        try:
+            label, eigs, fit = panel
+        except (TypeError, ValueError):
+            raise ValueError(f"panel {i}: must be (label, eigs, fit)") from None
+        lam = np.asarray(eigs, dtype=np.float64).ravel()
+        if lam.size == 0 or not np.all(np.isfinite(lam)):
+            raise ValueError(f"panel {label!r}: needs a non-empty array of finite eigenvalues")
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        _draw_pl_esd(ax, lam, fit, title=str(label), fontsize=5.5)
+        ax.xaxis.label.set_size(7)
+        ax.yaxis.label.set_size(7)
+        ax.tick_params(labelsize=6)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, out, formats)
+
+
+_ALPHA_LINES = {"alpha = 2 (WeightWatcher: below, over-trained)": 2.0, "alpha = 6 (above: under-trained)": 6.0}
+
+
+def plot_alpha_vs_depth(
+    series: Mapping[str, Any],
+    out: str | os.PathLike,
+    *,
+    flags: Mapping[str, Any] | None = None,
+    title: str | None = None,
+    formats: Sequence[str] = FORMATS,
+) -> list[Path]:
+    """Power-law alpha vs layer index, one line per series (``{label: (layers, alphas)}``, e.g.
+    :func:`series_by_layer` of ``"alpha"``), dashed lines at 2 and 6; ``flags`` (the same labels, e.g.
+    :func:`series_by_layer` of ``"pl_fit_ok"``, ``{label: (layers, 1/0)}``): points whose flag is 0 are
+    crossed out."""
+    return _series_plot(series, out, xlabel="layer", ylabel="power-law alpha of the ESD tail",
+                        what="plot_alpha_vs_depth",
+                        hlines=_ALPHA_LINES, title=title, formats=formats, flags=flags,
+                        flag_label="pl_fit_ok false")
+
+
+def plot_alpha_vs_step(
+    series: Mapping[str, Any],
+    out: str | os.PathLike,
+    *,
+    flags: Mapping[str, Any] | None = None,
+    title: str | None = None,
+    formats: Sequence[str] = FORMATS,
+) -> list[Path]:
+    """Power-law alpha vs training step, one line per matrix (``{name: (steps, alphas)}``, e.g.
+    :func:`series_from_rows` of ``"alpha"``), dashed lines at 2 and 6, ``flags`` as in
+    :func:`plot_alpha_vs_depth`."""
+    return _series_plot(series, out, xlabel="step", ylabel="power-law alpha of the ESD tail",
+                        what="plot_alpha_vs_step",
+                        hlines=_ALPHA_LINES, title=title, formats=formats, flags=flags,
+                        flag_label="pl_fit_ok false")

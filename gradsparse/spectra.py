@@ -25,6 +25,27 @@ matrix K is ``n x d`` and ``W W^T`` is ``K K^T``, ``n x n``), with singular valu
   converged and ``ks <= ks_threshold``; when false, the MP columns do not describe the spectrum),
   ``num_spikes_margin`` (WeightWatcher's margin rule on the same fit, beside the TW count),
   ``bulk_min`` and ``mp_softrank = bulk_max / (s_max^2 / N)``.
+  **num_spikes is null where fit_ok is false** (the MP law does not describe the bulk, so
+  eigenvalues beyond its edge are not spikes of an MP bulk); ``num_spikes_margin`` keeps
+  WeightWatcher's margin-rule count on the same fit, and :func:`table_metadata` lists the withheld
+  rows with their KS distance.
+* Power-law (HT-SR) columns (with ``fit=True``, or ``power_law=True``), WeightWatcher 0.7.7's default
+  fit of the ESD tail (:mod:`gradsparse.powerlaw`): eigenvalues ``lambda = s^2`` unscaled, those
+  ``<= 1e-5`` dropped; every eigenvalue but the largest tried as ``xmin``; ``alpha = 1 + n / sum
+  ln(lambda/xmin)`` (MLE over the ``n`` tail eigenvalues); the ``xmin`` with the smallest KS distance
+  wins. ``alpha``, ``xmin`` (units of ``s^2``, as ``lambda_max``), ``pl_ks`` (the KS distance D),
+  ``pl_sigma = (alpha - 1)/sqrt(n)`` (standard error), ``num_pl_evals`` (tail size ``n``: eigenvalues
+  ``>= xmin``), ``alpha_weighted = alpha log10 lambda_max``, ``log_alpha_norm = log10 sum
+  lambda^alpha`` and ``pl_fit_ok`` (at least 8 eigenvalues, a tail of at least 10, ``1.5 <= alpha
+  <= 6``; :func:`gradsparse.powerlaw.fit_powerlaw`).
+* Correlation traps (``randomize=True``, WeightWatcher's ``randomize=True``): the entries of ``W`` are
+  permuted (:func:`shuffle_entries` with the row's jax key ``fold_in(key, crc32(name))``, so a
+  matrix gets the same shuffle whatever else is analysed), the ESD of the shuffled matrix (an iid
+  matrix with W's entry distribution) is fitted by MP with ``c = M/N`` fixed, and ``num_traps``
+  counts its TW spikes (null when ``rand_fit_ok`` is false), ``num_traps_margin`` the margin-rule
+  count; ``rand_distance`` is the Jensen-Shannon distance (natural log) between the sorted
+  eigenvalues of ``W`` and of the shuffled ``W``, each normalised to sum 1 (WeightWatcher's
+  ``jensen_shannon_distance(evals, rand_evals)``).
 * WeightWatcher-compatible columns: ``N = max(rows, cols)``, ``M = min``, ``Q = N/M``,
   ``lambda_max = s_max^2``, ``log_norm = log10 ||W||_F^2``, ``log_spectral_norm = log10 s_max^2``
   (unscaled, the same numbers WeightWatcher reports), and ``stable_rank``, ``num_spikes``,
@@ -74,15 +95,17 @@ import json
 import math
 import os
 import sys
+import zlib
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 from tqdm.auto import tqdm
 
-from gradsparse import __version__, checkpoint, rmt, weights
+from gradsparse import __version__, checkpoint, powerlaw, rmt, weights
 
 
 try:  # optional: without it BLAS keeps its own thread count (see _blas_threads)
@@ -106,6 +129,11 @@ __all__ = [
     "table_metadata",
     "COLUMN_DOCS",
     "format_table",
+    "matrix_key",
+    "shuffle_entries",
+    "jensen_shannon_distance",
+    "PL_COLUMNS",
+    "TRAP_COLUMNS",
 ]
 
 ROUTES = ("auto", "gram", "svd")
@@ -116,9 +144,11 @@ _EPS64 = float(np.finfo(np.float64).eps)
 class SpectrumRow:
     """One matrix of the table. Numbers are NaN (MP columns: NaN unless fitted) when ``error`` is set.
 
-    ``sv`` (descending singular values, with ``keep_sv=True``) and ``mp_fit`` (the full
-    :class:`gradsparse.rmt.MPFit`, with ``fit=True``) are kept for figures and left out of the
-    table and JSON (``sv`` is written with ``include_sv=True``).
+    ``sv`` (descending singular values, with ``keep_sv=True``), ``mp_fit`` (the full
+    :class:`gradsparse.rmt.MPFit`, with ``fit=True``), ``pl_fit`` (the
+    :class:`gradsparse.powerlaw.PowerLawFit`) and ``rand_fit`` (the MP fit of the shuffled matrix,
+    with ``randomize=True``) are kept for figures and left out of the table and JSON (``sv`` is
+    written with ``include_sv=True``).
     """
 
     name: str
@@ -153,16 +183,30 @@ class SpectrumRow:
     lambda_max: float = math.nan
     log_norm: float = math.nan
     log_spectral_norm: float = math.nan
+    alpha: float = math.nan
+    alpha_weighted: float = math.nan
+    log_alpha_norm: float = math.nan
+    xmin: float = math.nan
+    pl_ks: float = math.nan
+    pl_sigma: float = math.nan
+    num_pl_evals: float = math.nan
+    pl_fit_ok: bool | None = None
+    rand_distance: float = math.nan
+    num_traps: float = math.nan
+    num_traps_margin: float = math.nan
+    rand_fit_ok: bool | None = None
     error: str | None = None
     sv: np.ndarray | None = field(default=None, repr=False)
     mp_fit: rmt.MPFit | None = field(default=None, repr=False)
+    pl_fit: powerlaw.PowerLawFit | None = field(default=None, repr=False)
+    rand_fit: rmt.MPFit | None = field(default=None, repr=False)
 
     def to_dict(self, include_sv: bool = False) -> dict[str, Any]:
         """Plain JSON-ready dict; NaN/inf become None; ``sv`` only with ``include_sv``."""
         out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == "mp_fit":
+            if f.name in ("mp_fit", "pl_fit", "rand_fit"):
                 continue
             if f.name == "sv":
                 if include_sv:
@@ -175,11 +219,12 @@ class SpectrumRow:
             elif isinstance(v, np.integer):
                 v = int(v)
             out[f.name] = v
-        for k in ("num_spikes", "num_spikes_margin"):
+        for k in ("num_spikes", "num_spikes_margin", "num_pl_evals", "num_traps", "num_traps_margin"):
             if out.get(k) is not None:
                 out[k] = int(out[k])
-        if out.get("fit_ok") is not None:
-            out["fit_ok"] = bool(out["fit_ok"])
+        for k in ("fit_ok", "pl_fit_ok", "rand_fit_ok"):
+            if out.get(k) is not None:
+                out[k] = bool(out[k])
         return out
 
 
@@ -354,11 +399,17 @@ def spectrum_row(
     ks_max: float | None = None,
     role: str = "other",
     layer: int | None = None,
+    power_law: bool | None = None,
+    randomize: bool = False,
+    key: Any = None,
 ) -> SpectrumRow:
     """Table row of one 2-D matrix (see the module docstring for every column).
 
     ``ks_max``: KS bound of ``fit_ok`` (default :func:`gradsparse.rmt.mp_ks_threshold` of the bulk
     size); ``role``/``layer``: labels copied into the row (see :mod:`gradsparse.weights`).
+    ``power_law``: the power-law columns (default: when ``fit``); ``randomize``: the correlation-trap
+    columns, with the entries shuffled by ``key`` (a ``jax.random`` key or an int seed; default 0)
+    folded with ``crc32(name)``.
     Problems of the matrix itself (NaN/inf, empty, all zero, complex) give a row with ``error`` set;
     wrong arguments (non-2-D ``w``, bad ``rtol``/``route``/``alpha``) raise ValueError.
     """
@@ -376,6 +427,8 @@ def spectrum_row(
         raise ValueError(f"{name}: expected a 2-D matrix, got shape {tuple(w.shape)}")
     if ks_max is not None and not (isinstance(ks_max, (int, float)) and 0.0 < ks_max <= 1.0):
         raise ValueError(f"ks_max: must be a number in (0, 1] or None, got {ks_max!r}")
+    base_key = _base_key(key) if randomize else None
+    do_pl = bool(fit) if power_law is None else bool(power_law)
     shape = (int(w.shape[0]), int(w.shape[1]))
     row = SpectrumRow(name=name, shape=shape, dtype=str(w.dtype), role=str(role), layer=layer)
     row.N, row.M = max(shape), min(shape)
@@ -433,7 +486,8 @@ def spectrum_row(
             except ValueError as e:  # e.g. fewer than 4 non-zero eigenvalues: leave MP columns NaN
                 row.error = f"MP fit: {e}"
             else:
-                row.num_spikes = f.num_spikes
+                # a failed fit has no bulk to be a spike of: num_spikes null (table_metadata says why)
+                row.num_spikes = f.num_spikes if f.fit_ok else math.nan
                 row.num_spikes_margin = f.num_spikes_margin
                 row.sigma_mp = f.sigma_mp
                 row.bulk_max = f.bulk_max
@@ -444,7 +498,90 @@ def spectrum_row(
                 row.fit_ok = f.fit_ok
                 row.mp_c = f.c
                 row.mp_fit = f
+    lam_ww = s * s  # WeightWatcher's eigenvalues: s^2, unscaled
+    if do_pl:
+        pf = powerlaw.fit_powerlaw(lam_ww)
+        row.pl_fit = pf
+        row.pl_fit_ok = pf.fit_ok
+        if math.isfinite(pf.alpha):
+            row.alpha = pf.alpha
+            row.xmin = pf.xmin
+            row.pl_ks = pf.D
+            row.pl_sigma = pf.sigma
+            row.num_pl_evals = pf.n_tail
+            row.alpha_weighted = powerlaw.alpha_weighted(pf.alpha, smax * smax)
+            row.log_alpha_norm = powerlaw.log_alpha_norm(lam_ww, pf.alpha)
+    if base_key is not None:
+        _randomized(row, a64, lam_ww, base_key, name, route, rt, alpha, ks_max)
     return row
+
+
+def _base_key(key: Any) -> Any:
+    """A ``jax.random`` key from ``key`` (None: seed 0; an int: that seed; a key: itself)."""
+    if key is None:
+        return jax.random.key(0)
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        return jax.random.key(int(key))
+    if isinstance(key, jax.Array) and (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+                                       or (key.dtype == np.uint32 and key.shape == (2,))):
+        return key
+    raise ValueError(f"key: must be a jax.random key, an int seed or None, got {type(key).__name__}")
+
+
+def matrix_key(key: Any, name: str) -> Any:
+    """The key that shuffles matrix ``name``: ``fold_in(key, crc32(name) mod 2^31)``."""
+    return jax.random.fold_in(_base_key(key), zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF)
+
+
+def shuffle_entries(w: Any, key: Any) -> np.ndarray:
+    """The entries of ``w`` (as float64) randomly permuted, same shape: 128 bits drawn from ``key``
+    (``jax.random.bits``) seed numpy's PCG64, whose ``permutation`` shuffles the flattened entries.
+
+    Reproducible: the same key gives the same shuffle on every backend. Not
+    ``jax.random.permutation`` itself: on CPU it took 6 s for 4M entries and 74 ms for 384 x 384
+    (numpy: ~0.1 s and ~2 ms), which would dominate the analysis.
+    """
+    a = np.asarray(w, dtype=np.float64)
+    seed = [int(v) for v in np.asarray(jax.random.bits(_base_key(key), (4,), dtype=jnp.uint32))]
+    idx = np.random.Generator(np.random.PCG64(seed)).permutation(a.size)
+    return a.ravel()[idx].reshape(a.shape)
+
+
+def jensen_shannon_distance(p: Any, q: Any) -> float:
+    """``sqrt((KL(p||m) + KL(q||m)) / 2)``, ``m = (p + q)/2``, natural log, ``p`` and ``q`` normalised
+    to sum 1 (WeightWatcher's ``jensen_shannon_distance``, scipy.stats.entropy semantics)."""
+    p = np.asarray(p, dtype=np.float64).ravel()
+    q = np.asarray(q, dtype=np.float64).ravel()
+    if p.shape != q.shape or p.size == 0 or np.any(p < 0) or np.any(q < 0) or p.sum() <= 0 or q.sum() <= 0:
+        raise ValueError("p, q: need two equally long non-negative vectors with positive sums")
+    p, q = p / p.sum(), q / q.sum()
+    m = 0.5 * (p + q)
+    from scipy.special import rel_entr
+
+    div = 0.5 * (float(np.sum(rel_entr(p, m))) + float(np.sum(rel_entr(q, m))))
+    return math.sqrt(max(div, 0.0))
+
+
+def _randomized(row: SpectrumRow, a64: np.ndarray, lam_ww: np.ndarray, key: Any, name: str, route: str, rt: float,
+                alpha: float, ks_max: float | None) -> None:
+    """Fill the correlation-trap columns of ``row`` from the shuffled matrix."""
+    shuffled = shuffle_entries(a64, matrix_key(key, name))
+    s_r, _ = _sv(shuffled, "svd" if route == "svd" else "gram", rt)
+    lam_r = s_r * s_r
+    row.rand_distance = jensen_shannon_distance(np.sort(lam_ww), np.sort(lam_r))
+    n_big, k = max(a64.shape), min(a64.shape)
+    if k < 4:
+        return
+    smax_r = float(s_r[0])
+    lam_fit = np.where(s_r > rt * smax_r, lam_r, 0.0) / n_big
+    try:
+        f = rmt.fit_mp(lam_fit, c=k / n_big, alpha=alpha, ks_max=ks_max)
+    except ValueError:
+        return
+    row.rand_fit = f
+    row.rand_fit_ok = f.fit_ok
+    row.num_traps = f.num_spikes if f.fit_ok else math.nan
+    row.num_traps_margin = f.num_spikes_margin
 
 
 def weight_set(path: str | os.PathLike, select: str | None = None, *, roles: Mapping[str, str] | None = None,
@@ -480,6 +617,9 @@ def analyze(
     layout: str = "auto",
     ks_max: float | None = None,
     progress: bool | None = None,
+    power_law: bool | None = None,
+    randomize: bool = False,
+    key: Any = None,
 ) -> list[SpectrumRow]:
     """One :class:`SpectrumRow` per 2-D weight of ``source``, with its role and layer index.
 
@@ -488,7 +628,8 @@ def analyze(
     :class:`gradsparse.weights.WeightSet`, or a pytree of arrays (equinox model, dict/list of arrays,
     an array; visited in pytree order, 3-D leaves split per layer, names as
     :func:`collect_matrices` gives them). ``select``, ``roles``, ``layout``: see
-    :mod:`gradsparse.weights`; the other arguments: :func:`spectrum_row`. ``progress``: a tqdm bar
+    :mod:`gradsparse.weights`; the other arguments (``power_law``, ``randomize`` and ``key``
+    included): :func:`spectrum_row`. ``progress``: a tqdm bar
     on stderr (None: for 8 or more matrices when stderr is a terminal). A matrix that cannot be
     read gives a row with ``error`` set. Raises ValueError when the input holds no 2-D weight
     (empty dict, only biases, not a pytree of arrays). A Flax NNX model or ``nnx.State`` gives rows
@@ -507,6 +648,8 @@ def analyze(
         wset = weights.from_tensors(named_matrices(source), select, roles=roles, layout=layout)
     else:
         wset = weights.from_tensors(source, select, roles=roles, layout=layout)
+    if randomize:
+        key = _base_key(key)  # checked once, before any matrix is read
     mats, skipped = wset.matrices, wset.skipped
     if not mats:
         what = ", ".join(f"{n} ({r})" for n, r in skipped[:5]) or "nothing"
@@ -521,7 +664,8 @@ def analyze(
                                     error=f"cannot read: {e}"))
             continue
         rows.append(spectrum_row(m.name, w, rtol=rtol, route=route, fit=fit, alpha=alpha, keep_sv=keep_sv,
-                                 ks_max=ks_max, role=m.role, layer=m.layer))
+                                 ks_max=ks_max, role=m.role, layer=m.layer, power_law=power_law,
+                                 randomize=randomize, key=key))
     return rows
 
 
@@ -551,8 +695,9 @@ COLUMN_DOCS: dict[str, str] = {
     "N": "max(rows, cols) (WeightWatcher: N)",
     "M": "min(rows, cols) (WeightWatcher: M)",
     "Q": "N / M (WeightWatcher: Q; the MP aspect ratio of the shape is c = 1/Q = M/N)",
-    "num_spikes": "eigenvalues above the MP bulk by a " + rmt.SPIKE_METHOD,
-    "num_spikes_margin": "the same fit, counted by the " + rmt.MARGIN_METHOD,
+    "num_spikes": "eigenvalues above the MP bulk by a " + rmt.SPIKE_METHOD + "; null where fit_ok is false "
+                  "(the MP law does not describe the bulk; metadata.num_spikes_withheld lists those rows)",
+    "num_spikes_margin": "the same fit, counted by the " + rmt.MARGIN_METHOD + " (given whether or not fit_ok)",
     "sigma_mp": "sqrt of the fitted MP variance in units of W W^T / N: the entry standard deviation of an iid "
                 "matrix with this bulk. WeightWatcher's sigma_mp is for the ESD rescaled to mean 1: "
                 "sigma_mp_ww = sigma_mp * sqrt(N M) / frobenius",
@@ -565,6 +710,23 @@ COLUMN_DOCS: dict[str, str] = {
     "fit_ok": "MP fit converged and ks <= ks_threshold; when false the MP columns do not describe the spectrum",
     "mp_c": "fitted MP aspect ratio c; c <= 1 unless zero eigenvalues are present, then c <= 1/(1 - zero fraction)",
     "route": "gram (eigvalsh of the smaller float64 Gram) or svd (scipy gesdd svdvals)",
+    "alpha": "power-law exponent of the ESD tail, p(lambda) ~ lambda^-alpha for lambda >= xmin, maximum likelihood "
+             "(WeightWatcher: alpha, the same fit); unit-free",
+    "alpha_weighted": "alpha * log10 lambda_max, lambda_max = s_max^2 unscaled (WeightWatcher: alpha_weighted)",
+    "log_alpha_norm": "log10 sum_i lambda_i^alpha over all eigenvalues s_i^2, unscaled (WeightWatcher: log_alpha_norm)",
+    "xmin": "start of the power-law tail, an eigenvalue s^2 of W as stored, unscaled (WeightWatcher: xmin, same "
+            "units; N times the units of the MP columns)",
+    "pl_ks": "KS distance D between the tail (eigenvalues >= xmin) and the fitted power law (WeightWatcher: D)",
+    "pl_sigma": "standard error of alpha: (alpha - 1) / sqrt(num_pl_evals) (WeightWatcher: sigma)",
+    "num_pl_evals": "tail size: eigenvalues >= xmin (WeightWatcher: num_pl_spikes)",
+    "pl_fit_ok": "power-law fit usable: >= 8 eigenvalues above 1e-5, a tail of >= 10, 1.5 <= alpha <= 6 "
+                 "(gradsparse's rule; WeightWatcher reports every fit and warns outside [2, 6])",
+    "rand_distance": "Jensen-Shannon distance between the sorted eigenvalues of W and of W with its entries shuffled, "
+                     "each normalised to sum 1 (WeightWatcher: rand_distance); 0 = no structure beyond the entries",
+    "num_traps": "correlation traps: TW spikes of the shuffled W's ESD above its MP fit (c = M/N fixed); null where "
+                 "rand_fit_ok is false (WeightWatcher: num_traps, counted by its margin rule)",
+    "num_traps_margin": "the shuffled W's spikes by the " + rmt.MARGIN_METHOD,
+    "rand_fit_ok": "the MP fit of the shuffled W's ESD passes its KS bound (as fit_ok)",
     "error": "why a matrix has no numbers (NaN/inf entries, all zero, unreadable, ...)",
 }
 
@@ -574,6 +736,9 @@ UNITS = {
                    "follows MP(c = M/N, s2). WeightWatcher's eigenvalues are the unscaled s^2 = N x these.",
     "sigma": "sigma_mp is an entry standard deviation (the MP scale in units of W W^T / N), not the "
              "WeightWatcher sigma_mp of the mean-1 rescaled ESD",
+    "power_law": "alpha, pl_ks, pl_sigma, num_pl_evals are unit-free; xmin and the eigenvalues of the power-law "
+                 "fit are s^2 of W as stored (WeightWatcher's units, N times those of the MP columns); "
+                 "eigenvalues <= 1e-5 in these units are dropped before the fit, as WeightWatcher does",
 }
 
 
@@ -585,9 +750,13 @@ def table_metadata(
     alpha: float = 0.05,
     rtol: float | None = None,
     ks_max: float | None = None,
+    rows: Sequence[SpectrumRow] | None = None,
+    randomize: bool = False,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """JSON-ready description of a table: units, column meanings, spike methods, the weight reader's
-    conventions and skipped tensors (from ``wset``), and the settings used."""
+    conventions and skipped tensors (from ``wset``), and the settings used. With ``rows``:
+    ``num_spikes_withheld``, the rows whose MP fit failed (``num_spikes`` null) with the reason."""
     if wset is not None and not isinstance(wset, weights.WeightSet):
         raise ValueError(f"wset: must be a weights.WeightSet or None, got {type(wset).__name__}")
     meta: dict[str, Any] = {
@@ -602,8 +771,32 @@ def table_metadata(
             "ks_max": "max(0.05, 5 / bulk size)" if ks_max is None else float(ks_max),
             "num_spikes": rmt.SPIKE_METHOD,
             "num_spikes_margin": rmt.MARGIN_METHOD,
+            "num_spikes_null_when": "fit_ok is false: the MP fit did not converge or its KS distance exceeds "
+                                    "ks_threshold, so the fitted edge is not the edge of the bulk and counts "
+                                    "beyond it are not spikes; num_spikes_margin is still given",
+            "power_law": powerlaw.FIT_METHOD,
+            "pl_fit_ok": f"n >= {powerlaw.MIN_EVALS} eigenvalues above {powerlaw.EVALS_THRESH:g}, tail >= "
+                         f"{powerlaw.MIN_TAIL}, {powerlaw.ALPHA_RANGE[0]:g} <= alpha <= {powerlaw.ALPHA_RANGE[1]:g}",
+            "randomize": bool(randomize),
         },
     }
+    if randomize:
+        meta["settings"]["traps"] = ("entries permuted by numpy PCG64 seeded from "
+                                     "jax.random.bits(fold_in(key(seed), crc32(name))); MP fit of the shuffled ESD with c = M/N; num_traps: TW spikes")
+        meta["settings"]["seed"] = seed
+    if rows is not None:
+        withheld = []
+        for r in rows:
+            if not isinstance(r, SpectrumRow):
+                raise ValueError(f"rows: expected SpectrumRow items, got {type(r).__name__}")
+            if r.mp_fit is not None and not r.mp_fit.fit_ok:
+                f = r.mp_fit
+                why = (f"KS {f.ks:.3g} > threshold {f.ks_threshold:.3g}" if f.ks > f.ks_threshold
+                       else "spike removal did not converge")
+                withheld.append({"name": r.name, "reason": why, "ks": float(f.ks),
+                                 "ks_threshold": float(f.ks_threshold), "converged": bool(f.converged),
+                                 "tw_count_not_reported": int(f.num_spikes)})
+        meta["num_spikes_withheld"] = withheld
     if wset is not None:
         meta["conventions"] = dict(wset.conventions)
         meta["skipped"] = [{"name": n, "reason": r} for n, r in wset.skipped]
@@ -667,7 +860,9 @@ def to_dataframe(rows: Iterable[SpectrumRow]) -> Any:
 
 
 SUMMARY_COLUMNS = ("stable_rank", "log_norm", "log_spectral_norm", "mp_softrank", "ratio", "mass80_ratio",
-                   "near_zero_rate", "num_spikes", "num_spikes_margin", "sigma_mp", "ks", "mp_c", "fit_ok")
+                   "near_zero_rate", "num_spikes", "num_spikes_margin", "sigma_mp", "ks", "mp_c", "fit_ok",
+                   "alpha", "alpha_weighted", "log_alpha_norm", "pl_ks", "num_pl_evals", "pl_fit_ok",
+                   "rand_distance", "num_traps", "num_traps_margin", "rand_fit_ok")
 
 
 def get_summary(rows: Iterable[SpectrumRow], by_role: bool = True) -> dict[str, Any]:
@@ -675,8 +870,11 @@ def get_summary(rows: Iterable[SpectrumRow], by_role: bool = True) -> dict[str, 
 
     Returns ``{"all": {"count": n, column: mean, ...}, "<role>": {...}, ...}`` over
     :data:`SUMMARY_COLUMNS`; rows with ``error`` and non-finite values (an infinite ratio, an
-    unfitted MP column) are left out of a column's mean (NaN when nothing is left); ``fit_ok`` gives
-    the fraction of fitted rows that passed. Roles in :data:`gradsparse.weights.ROLES` order.
+    unfitted MP column, a withheld ``num_spikes``) are left out of a column's mean (NaN when nothing
+    is left); ``fit_ok``, ``pl_fit_ok`` and ``rand_fit_ok`` give the fraction of fitted rows that
+    passed. ``alpha`` (and ``alpha_weighted``, ``log_alpha_norm``) is the mean over every fitted row,
+    as WeightWatcher's ``get_summary`` averages it; ``alpha_ok`` the mean over rows with
+    ``pl_fit_ok``. Units as the columns' (:data:`COLUMN_DOCS`).
     """
     rows = list(rows)
     for r in rows:
@@ -689,6 +887,8 @@ def get_summary(rows: Iterable[SpectrumRow], by_role: bool = True) -> dict[str, 
             vals = [float(getattr(r, col)) for r in group if r.error is None and getattr(r, col) is not None]
             vals = [v for v in vals if math.isfinite(v)]
             out[col] = float(np.mean(vals)) if vals else math.nan
+        ok = [float(r.alpha) for r in group if r.error is None and r.pl_fit_ok and math.isfinite(r.alpha)]
+        out["alpha_ok"] = float(np.mean(ok)) if ok else math.nan
         return out
 
     summary: dict[str, Any] = {"all": means(rows)}
@@ -724,11 +924,18 @@ _BASE_COLS = [
 ]
 _MP_COLS = [("num_spikes", ".0f"), ("num_spikes_margin", ".0f"), ("sigma_mp", ".4g"), ("bulk_max", ".4g"),
             ("ks", ".3f"), ("mp_c", ".4g"), ("fit_ok", "")]
+#: power-law columns of the text table (JSON/CSV carry alpha_weighted, log_alpha_norm, pl_sigma too)
+PL_COLUMNS = [("alpha", ".3f"), ("xmin", ".4g"), ("pl_ks", ".3f"), ("num_pl_evals", ".0f"), ("pl_fit_ok", "")]
+#: correlation-trap columns of the text table
+TRAP_COLUMNS = [("num_traps", ".0f"), ("num_traps_margin", ".0f"), ("rand_distance", ".3g")]
 
 
 def format_table(rows: Sequence[SpectrumRow]) -> str:
     """Fixed-width text table, one line per row; ``role`` and ``layer`` columns appear when any row has
-    one, MP columns when any row was fitted and an ``error`` column when any row is flagged."""
+    one, MP columns when any row was fitted (``num_spikes`` empty, ``-``, where ``fit_ok`` is false),
+    power-law columns (:data:`PL_COLUMNS`) when any row has a power-law fit, trap columns
+    (:data:`TRAP_COLUMNS`) when any row was randomised, and an ``error`` column when any row is
+    flagged."""
     rows = list(rows)
     if not rows:
         raise ValueError("format_table needs at least one row")
@@ -738,6 +945,10 @@ def format_table(rows: Sequence[SpectrumRow]) -> str:
     cols = list(_BASE_COLS)
     if any(not math.isnan(r.sigma_mp) for r in rows):
         cols += _MP_COLS
+    if any(r.pl_fit is not None for r in rows):
+        cols += PL_COLUMNS
+    if any(not math.isnan(r.rand_distance) for r in rows):
+        cols += TRAP_COLUMNS
     labels = any(r.role != "other" or r.layer is not None for r in rows)
     head = ["name", "role", "layer", "shape"] if labels else ["name", "shape"]
     header = head + [c for c, _ in cols] + ["route"]

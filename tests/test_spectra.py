@@ -178,7 +178,8 @@ def test_cli_writes_figures(npz_file, tmp_path, capsys):
     assert cli.main(["spectrum", str(npz_file), "--out", str(out), "--json"]) == 0
     json.loads(capsys.readouterr().out)  # stdout stays pure JSON
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["esd_key.pdf", "esd_key.png", "esd_value.pdf", "esd_value.png", "spectrum.json"]
+    assert names == ["esd_key.pdf", "esd_key.png", "esd_pl_key.pdf", "esd_pl_key.png", "esd_pl_value.pdf",
+                     "esd_pl_value.png", "esd_value.pdf", "esd_value.png", "spectrum.json"]
 
 
 def test_cli_user_errors_exit_2(tmp_path, capsys):
@@ -277,10 +278,49 @@ def test_model_figures_from_rows(tmp_path):
     assert set(series) == {"key", "attn_q"} and series["key"][0] == [0, 1, 2]
     assert series["key"][1] == pytest.approx([r.stable_rank for r in rows if r.role == "key"])
     paths = figures_spectra.plot_model_spectra(rows, tmp_path, formats=("png",))
-    assert sorted(p.name for p in paths) == ["esd_role_attn_q.png", "esd_role_key.png", "mass80_ratio_vs_depth.png",
+    assert sorted(p.name for p in paths) == ["alpha_vs_depth.png", "esd_pl_role_attn_q.png", "esd_pl_role_key.png",
+                                            "esd_role_attn_q.png", "esd_role_key.png", "mass80_ratio_vs_depth.png",
                                             "ratio_vs_depth.png", "stable_rank_vs_depth.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+    no_pl = spectra.analyze(tree, keep_sv=True)  # no fit: no power-law figures
+    assert "alpha_vs_depth.png" not in {p.name for p in figures_spectra.plot_model_spectra(no_pl, tmp_path / "n",
+                                                                                            formats=("png",))}
     with pytest.raises(ValueError):
         figures_spectra.plot_esd_grid([], tmp_path / "x")
     with pytest.raises(ValueError):
         figures_spectra.series_by_layer(rows, "no_such_column")
+
+
+def test_powerlaw_figures(tmp_path):
+    from gradsparse import powerlaw
+
+    rng = np.random.default_rng(0)
+    lam = np.concatenate([rng.uniform(0.05, 1.0, 200), powerlaw.pareto_rvs(rng, 100, 3.0)])
+    fit = powerlaw.fit_powerlaw(lam)
+    paths = figures_spectra.plot_powerlaw_esd(lam, tmp_path / "pl", fit=fit, title="pareto", formats=("png",))
+    assert [p.name for p in paths] == ["pl.png"] and paths[0].stat().st_size > 1000
+    figures_spectra.plot_powerlaw_esd(lam, tmp_path / "pl_dict", fit={"alpha": 3.0, "xmin": 1.0}, formats=("png",))
+    series = {"a": ([100, 200, 300], [8.0, 4.0, 3.0])}
+    flags = {"a": ([100, 200, 300], [0.0, 1.0, 1.0])}
+    figures_spectra.plot_alpha_vs_step(series, tmp_path / "alpha_step", flags=flags, formats=("png",))
+    figures_spectra.plot_alpha_vs_depth(series, tmp_path / "alpha_depth", formats=("png",))
+    assert (tmp_path / "alpha_step.png").stat().st_size > 1000
+    with pytest.raises(ValueError):
+        figures_spectra.plot_alpha_vs_step(series, tmp_path / "bad", flags={"a": ([1], [1.0])})
+    with pytest.raises(ValueError):
+        figures_spectra.plot_powerlaw_esd(lam, tmp_path / "bad", fit={"beta": 1})
+    with pytest.raises(ValueError):
+        figures_spectra.plot_powerlaw_grid([], tmp_path / "bad")
+
+
+def test_cli_alpha_vs_step_for_a_run_with_checkpoints(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--model", "mlp", "--data", "mnist1d", "--steps", "20", "--checkpoint-every", "10",
+                     "--width", "16", "--depth", "1", "--n-train", "256", "--n-test", "128", "--out", str(run),
+                     "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(["spectrum", str(run), "--formats", "png", "--max-esd", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "alpha" in out and "pl_fit_ok" in out
+    names = {p.name for p in (run / "spectrum").iterdir()}
+    assert {"alpha_vs_step.png", "ratio_vs_step.png", "spectrum.json"} <= names

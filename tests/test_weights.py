@@ -380,8 +380,9 @@ def test_cli_foreign_model_table_json_csv_and_figures(tmp_path, capsys):
     assert "attn_q" in text and "non-float: an index buffer" in text and "not matched by select" in text
     assert "summary (mean per role" in text
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["esd_role_attn_q.png", "esd_role_key.png", "mass80_ratio_vs_depth.png", "ratio_vs_depth.png",
-                     "spectrum.json", "stable_rank_vs_depth.png"]  # --max-esd 0: no per-matrix ESDs
+    assert names == ["alpha_vs_depth.png", "esd_pl_role_attn_q.png", "esd_pl_role_key.png", "esd_role_attn_q.png",
+                     "esd_role_key.png", "mass80_ratio_vs_depth.png", "ratio_vs_depth.png", "spectrum.json",
+                     "stable_rank_vs_depth.png"]  # --max-esd 0: no per-matrix ESDs
     doc = json.loads((out / "spectrum.json").read_text())
     assert set(doc) == {"metadata", "summary", "rows"} and len(doc["rows"]) == 3 * 2
     assert doc["metadata"]["conventions"]["model_type"] == "bert"

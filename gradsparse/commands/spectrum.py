@@ -18,10 +18,19 @@ checkpoint file, ``spectrum/`` next to it or next to the run folder of a ``check
 a foreign model, ``./spectrum_<name>`` in the current folder, never inside the model's folder):
 
 * ``esd_<name>.png/.pdf`` per matrix (ESD of ``W W^T / N`` with the MP fit and the MP law at
-  ``c = min/max`` of its shape) when there are at most ``--max-esd`` matrices or no layer indices;
+  ``c = min/max`` of its shape) and ``esd_pl_<name>`` (log-log ESD of ``s^2`` with the fitted power
+  law and ``xmin``) when there are at most ``--max-esd`` matrices or no layer indices;
 * with at least two layer indices: ``esd_role_<role>`` (per role, one panel per matrix, fitted MP
-  law, spikes marked) and ``ratio_vs_depth``, ``mass80_ratio_vs_depth``, ``stable_rank_vs_depth``;
-* with several checkpoints: ``ratio_vs_step``, ``mass80_ratio_vs_step``, ``near_zero_rate_vs_step``.
+  law, spikes marked), ``esd_pl_role_<role>`` (the same matrices, log-log, power law) and
+  ``ratio_vs_depth``, ``mass80_ratio_vs_depth``, ``stable_rank_vs_depth``, ``alpha_vs_depth``;
+* with several checkpoints: ``ratio_vs_step``, ``mass80_ratio_vs_step``, ``near_zero_rate_vs_step``,
+  ``alpha_vs_step`` (the power-law fit of every checkpoint's matrices).
+
+Columns: the singular-value columns, the MP fit (``num_spikes`` left empty where ``fit_ok`` is
+false), the power-law (HT-SR) columns of WeightWatcher's default analysis (``alpha``,
+``alpha_weighted``, ``log_alpha_norm``, ``xmin``, ``pl_ks``, ``num_pl_evals``, ``pl_fit_ok``) and,
+with ``--randomize``, correlation traps (``num_traps``, ``rand_distance``; entries shuffled with
+``--seed``). ``--no-fit`` skips the MP and power-law fits.
 """
 
 from __future__ import annotations
@@ -73,7 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="non-zero singular values: s > rtol * s_max (default: max(shape) * eps(dtype))")
     parser.add_argument("--route", choices=spectra.ROUTES, default="auto",
                         help="singular values via the float64 Gram matrix, gesdd svdvals, or auto (default)")
-    parser.add_argument("--no-fit", action="store_true", help="skip the Marchenko-Pastur fit columns")
+    parser.add_argument("--no-fit", action="store_true",
+                        help="skip the Marchenko-Pastur and power-law fit columns")
+    parser.add_argument("--randomize", action="store_true",
+                        help="correlation traps: shuffle each matrix's entries, fit MP to the shuffled ESD, "
+                             "count its spikes (num_traps) and the distance to the ESD (rand_distance)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="with --randomize: seed of the jax PRNG key that shuffles the entries (default 0)")
     parser.add_argument("--alpha", type=float, default=0.05,
                         help="false-positive rate of the Tracy-Widom spike test (default 0.05)")
     parser.add_argument("--ks-max", type=float, default=None,
@@ -133,6 +148,11 @@ def _figures(rows: list[spectra.SpectrumRow], history_rows: list[tuple[int, list
             title = f"{r.name} {r.shape[0]}x{r.shape[1]}: ESD of W W^T / {n_big}"
             written += fs.plot_esd(eigs, out / f"esd_{_safe(r.name)}", fit=r.mp_fit, c_pred=k / n_big,
                                    s2_pred=float(np.sum(eigs)) / k, title=title, formats=formats)
+            if r.pl_fit is not None:
+                ok = "ok" if r.pl_fit.fit_ok else f"NOT ok: {r.pl_fit.reason}"
+                written += fs.plot_powerlaw_esd(r.sv * r.sv, out / f"esd_pl_{_safe(r.name)}", fit=r.pl_fit,
+                                                title=f"{r.name} {r.shape[0]}x{r.shape[1]}: log-log ESD of s^2 ({ok})",
+                                                formats=formats)
     if layered:
         written += fs.plot_model_spectra(rows, out, formats=formats)
     if len(history_rows) >= 2:
@@ -141,6 +161,10 @@ def _figures(rows: list[spectra.SpectrumRow], history_rows: list[tuple[int, list
                                              ylabel=ylabel, formats=formats)
         written += fs.plot_near_zero_vs_step(fs.series_from_rows(history_rows, "near_zero_rate"),
                                              out / "near_zero_rate_vs_step", formats=formats)
+        alphas = fs.series_from_rows(history_rows, "alpha")
+        if any(np.isfinite(np.asarray(v[1], dtype=np.float64)).any() for v in alphas.values()):
+            written += fs.plot_alpha_vs_step(alphas, out / "alpha_vs_step",
+                                             flags=fs.series_from_rows(history_rows, "pl_fit_ok"), formats=formats)
     return written
 
 
@@ -156,12 +180,15 @@ def _skipped_lines(skipped: list[tuple[str, str]]) -> list[str]:
 
 def _summary_lines(rows: list[spectra.SpectrumRow]) -> list[str]:
     summary = spectra.get_summary(rows)
-    cols = ("count", "stable_rank", "ratio", "mass80_ratio", "num_spikes", "ks", "mp_c", "fit_ok")
+    cols = ("count", "stable_rank", "ratio", "mass80_ratio", "num_spikes", "ks", "mp_c", "fit_ok", "alpha",
+            "alpha_weighted", "pl_fit_ok")
+    if any(math.isfinite(d.get("num_traps_margin", math.nan)) for d in summary.values()):
+        cols += ("num_traps", "rand_distance")
     table = [["role", *cols]]
     for role, d in summary.items():
         table.append([role] + [spectra._fmt(d[c], "d" if c == "count" else ".4g") for c in cols])
     widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
-    lines = ["summary (mean per role; fit_ok: fraction of fitted matrices):"]
+    lines = ["summary (mean per role; fit_ok, pl_fit_ok: fraction of fitted matrices; num_spikes over fit_ok rows):"]
     for t in table:
         lines.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(t, widths))))
     return lines
@@ -194,9 +221,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} exists and is not a folder; allowed: a folder (created when missing)")
     fit = not args.no_fit
     rows = spectra.analyze(wset, rtol=args.rtol, route=args.route, fit=fit, alpha=args.alpha, keep_sv=figures,
-                           ks_max=args.ks_max, progress=False if args.no_progress else None)
+                           ks_max=args.ks_max, progress=False if args.no_progress else None,
+                           randomize=args.randomize, key=args.seed)
     meta = spectra.table_metadata(wset, source=str(path), fit=fit, alpha=args.alpha, rtol=args.rtol,
-                                  ks_max=args.ks_max)
+                                  ks_max=args.ks_max, rows=rows, randomize=args.randomize,
+                                  seed=args.seed if args.randomize else None)
     history_rows: list[tuple[int, list]] = []
     if figures:
         hist = _history(path, args.max_checkpoints)
@@ -206,7 +235,8 @@ def run(args: argparse.Namespace) -> int:
             for step, ck in hist[:-1]:
                 model, _ = checkpoint.load_model(ck)
                 history_rows.append((step, spectra.analyze(model, rtol=args.rtol, route=args.route,
-                                                           select=args.select, roles=roles, progress=False)))
+                                                           select=args.select, roles=roles, progress=False,
+                                                           power_law=fit)))
             history_rows.append((hist[-1][0], rows))
     if args.csv:
         atomic_write_text(args.csv, spectra.rows_to_csv(rows))
@@ -229,6 +259,13 @@ def run(args: argparse.Namespace) -> int:
         if fit:
             print("units: eigenvalues of W W^T / N, N = max(rows, cols) (WeightWatcher's are N times larger); "
                   "sigma_mp = entry std; num_spikes: TW test, num_spikes_margin: WeightWatcher's rule")
+            print("power law: WeightWatcher's default fit of the ESD tail; xmin in units of s^2 (as WeightWatcher, "
+                  "as lambda_max); pl_fit_ok: tail >= 10 eigenvalues and 1.5 <= alpha <= 6")
+            withheld = meta.get("num_spikes_withheld", [])
+            if withheld:
+                print(f"num_spikes left empty for {len(withheld)} matrices whose MP fit is not ok "
+                      "(KS above its threshold: the MP law does not describe the bulk); "
+                      "num_spikes_margin is WeightWatcher's margin rule on the same fit")
         if args.csv:
             print(f"wrote {args.csv}")
     if out is not None:
