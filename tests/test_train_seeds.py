@@ -90,9 +90,13 @@ def test_byte_lm_group_equals_one_at_a_time(tmp_path):
     ds = load_dataset("text", seed=0)
     together = train_seeds([cfg, cfg.replace(seed=1)], dataset=ds)
     alone = train(cfg, None, dataset=ds, progress=False)
+    # fractions of units are counts over 16 x 8 tokens x 64 units: a unit whose z sits within float rounding
+    # of 0 flips between the batched and the single kernels (measured: 9 of 8192 entries on one CPU), so
+    # fractions get an absolute tolerance of 2.5e-3 (20 entries); every other record stays within 1e-3
     for rv, ra in zip(together[0].history, alone.history):
         for k, v in _floats(ra):
-            assert dict(_floats(rv))[k] == pytest.approx(v, rel=1e-3, abs=1e-5), (ra["step"], k)
+            frac = "density" in k or "sparsity" in k
+            assert dict(_floats(rv))[k] == pytest.approx(v, rel=1e-3, abs=2.5e-3 if frac else 1e-5), (ra["step"], k)
 
 
 def test_divergence_is_reported_as_one_at_a_time(mnist, tmp_path):
