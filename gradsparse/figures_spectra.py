@@ -327,20 +327,13 @@ def series_from_rows(rows_by_step: Sequence[tuple[int, Sequence[Any]]], column: 
     return out
 
 
-def plot_esd_grid(
-    panels: Sequence[tuple[str, Any, Any]],
-    out: str | os.PathLike,
-    *,
-    title: str | None = None,
-    ncols: int = 4,
-    formats: Sequence[str] = FORMATS,
-) -> list[Path]:
-    """Small multiples of ESDs: ``panels`` is ``[(label, eigs, fit), ...]`` (``fit``: an
-    :class:`rmt.MPFit`, a dict as in :func:`plot_esd`, or None), one panel each, drawn as
-    :func:`plot_esd` draws one (MP fit as a solid line with its edge, spikes as red ticks)."""
+def _panel_grid(panels: Sequence[tuple[str, Any, Any]], out: str | os.PathLike, draw: Any, what: str, *,
+                title: str | None, ncols: int, formats: Sequence[str]) -> list[Path]:
+    """Small multiples: one panel per ``(label, eigs, fit)``, each drawn by ``draw(ax, eigs, fit,
+    title=label, fontsize=...)``; ``what`` names the public function in error messages."""
     panels = list(panels)
     if not panels:
-        raise ValueError("plot_esd_grid needs at least one panel")
+        raise ValueError(f"{what} needs at least one panel")
     if not (isinstance(ncols, int) and ncols >= 1):
         raise ValueError(f"ncols: must be an int >= 1, got {ncols!r}")
     cols = min(ncols, len(panels))
@@ -355,7 +348,7 @@ def plot_esd_grid(
         if lam.size == 0 or not np.all(np.isfinite(lam)):
             raise ValueError(f"panel {label!r}: needs a non-empty array of finite eigenvalues")
         ax = fig.add_subplot(nrows, cols, i + 1)
-        _draw_esd(ax, lam, fit=fit, title=str(label), fontsize=5.5)
+        draw(ax, lam, fit, title=str(label), fontsize=5.5)
         ax.xaxis.label.set_size(7)
         ax.yaxis.label.set_size(7)
         ax.tick_params(labelsize=6)
@@ -363,6 +356,21 @@ def plot_esd_grid(
         fig.suptitle(title)
     fig.tight_layout()
     return save_figure(fig, out, formats)
+
+
+def plot_esd_grid(
+    panels: Sequence[tuple[str, Any, Any]],
+    out: str | os.PathLike,
+    *,
+    title: str | None = None,
+    ncols: int = 4,
+    formats: Sequence[str] = FORMATS,
+) -> list[Path]:
+    """Small multiples of ESDs: ``panels`` is ``[(label, eigs, fit), ...]`` (``fit``: an
+    :class:`rmt.MPFit`, a dict as in :func:`plot_esd`, or None), one panel each, drawn as
+    :func:`plot_esd` draws one (MP fit as a solid line with its edge, spikes as red ticks)."""
+    return _panel_grid(panels, out, lambda ax, lam, fit, **kw: _draw_esd(ax, lam, fit=fit, **kw), "plot_esd_grid",
+                       title=title, ncols=ncols, formats=formats)
 
 
 def plot_vs_depth(
@@ -568,31 +576,7 @@ def plot_powerlaw_grid(
     formats: Sequence[str] = FORMATS,
 ) -> list[Path]:
     """Small multiples of :func:`plot_powerlaw_esd`: ``panels`` is ``[(label, eigs, fit), ...]``."""
-    panels = list(panels)
-    if not panels:
-        raise ValueError("plot_powerlaw_grid needs at least one panel")
-    if not (isinstance(ncols, int) and ncols >= 1):
-        raise ValueError(f"ncols: must be an int >= 1, got {ncols!r}")
-    cols = min(ncols, len(panels))
-    nrows = math.ceil(len(panels) / cols)
-    fig = _new_figure((3.4 * cols, 2.7 * nrows))
-    for i, panel in enumerate(panels):
-        try:
-            label, eigs, fit = panel
-        except (TypeError, ValueError):
-            raise ValueError(f"panel {i}: must be (label, eigs, fit)") from None
-        lam = np.asarray(eigs, dtype=np.float64).ravel()
-        if lam.size == 0 or not np.all(np.isfinite(lam)):
-            raise ValueError(f"panel {label!r}: needs a non-empty array of finite eigenvalues")
-        ax = fig.add_subplot(nrows, cols, i + 1)
-        _draw_pl_esd(ax, lam, fit, title=str(label), fontsize=5.5)
-        ax.xaxis.label.set_size(7)
-        ax.yaxis.label.set_size(7)
-        ax.tick_params(labelsize=6)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return save_figure(fig, out, formats)
+    return _panel_grid(panels, out, _draw_pl_esd, "plot_powerlaw_grid", title=title, ncols=ncols, formats=formats)
 
 
 _ALPHA_LINES = {"alpha = 2 (WeightWatcher: below, over-trained)": 2.0, "alpha = 6 (above: under-trained)": 6.0}
