@@ -23,7 +23,7 @@ from theory_checks.plan import judge, plan_bytes, plan_sha256
 from theory_checks.verdicts import Verdict, gated
 
 
-def run_check(check: Check, ctx: Context, *, fig_dir: Path | None = None) -> CheckResult:
+def run_check(check: Check, ctx: Context, *, fig_dir: Path | None = None, plan: Any = None) -> CheckResult:
     """Run one check in ``ctx`` and package its result.
 
     :class:`Unavailable` becomes an INCONCLUSIVE result with its message; any other exception
@@ -31,7 +31,8 @@ def run_check(check: Check, ctx: Context, *, fig_dir: Path | None = None) -> Che
     ``fig_dir`` is given) are written there; their paths are relative to ``ctx.out_dir``.
     """
     params = check.params(ctx.preset)
-    plan = check.make_plan(ctx.preset)
+    if plan is None:  # the suite passes the plan it wrote to plan.json: the one judged is the one registered
+        plan = check.make_plan(ctx.preset)
     if plan is not None and plan.seeds and plan.seeds > len(ctx.seeds):
         ctx = ctx.with_seeds(list(range(plan.seeds)))
     t0 = time.time()
@@ -140,11 +141,11 @@ class ChecksInterrupted(KeyboardInterrupt):
 PLAN_FILE = "plan.json"
 
 
-def check_plans(checks: Sequence[Any], preset: str, seeds: Sequence[int]) -> dict[str, Any]:
-    """{check name: its plan as data, with the seeds it will use} for ``checks`` at ``preset``."""
+def check_plans(checks: Sequence[Any], plans: dict[str, Any], seeds: Sequence[int]) -> dict[str, Any]:
+    """{check name: its plan (``plans[name]``) as data, with the seeds it will use}."""
     out: dict[str, Any] = {}
     for c in checks:
-        plan = c.make_plan(preset) if hasattr(c, "make_plan") else None
+        plan = plans.get(c.name)
         if plan is None:
             out[c.name] = {"plan": None, "seeds": list(seeds)}
             continue
@@ -154,7 +155,7 @@ def check_plans(checks: Sequence[Any], preset: str, seeds: Sequence[int]) -> dic
     return out
 
 
-def write_plan(out: Path, checks: Sequence[Any], preset: str, seeds: Sequence[int],
+def write_plan(out: Path, checks: Sequence[Any], plans: dict[str, Any], preset: str, seeds: Sequence[int],
                keep: Sequence[str] = ()) -> dict[str, Any]:
     """Write ``out/plan.json`` (atomically, BEFORE any training): the pre-registered plan of every
     check about to run, plus the plans of the kept results of a report merged into (``keep``).
@@ -167,7 +168,7 @@ def write_plan(out: Path, checks: Sequence[Any], preset: str, seeds: Sequence[in
         except (OSError, ValueError, AttributeError):
             old = {}
     data = {"preset": preset, "seeds": list(seeds),
-            "checks": {**{k: v for k, v in old.items() if k in keep}, **check_plans(checks, preset, seeds)}}
+            "checks": {**{k: v for k, v in old.items() if k in keep}, **check_plans(checks, plans, seeds)}}
     atomic_write_bytes(out / PLAN_FILE, plan_bytes(data))
     return data
 
@@ -199,8 +200,9 @@ def run_checks(checks: Sequence[Any], preset: str, out: Path, seeds: list[int], 
     meta: dict[str, Any] = {"preset": preset, "seeds": seeds, "started": started, "versions": versions(),
                             "wall_s": 0.0, "command": " ".join(sys.argv), "requested": [c.name for c in checks],
                             "vmap_seeds": vmap_seeds}
-    plans = write_plan(out, checks, preset, ctx.seeds, keep=[r.name for r in previous])
-    meta["plan_sha256"] = plan_sha256(plans)
+    plans = {c.name: c.make_plan(preset) for c in checks}
+    meta["plan_sha256"] = plan_sha256(write_plan(out, checks, plans, preset, ctx.seeds,
+                                                 keep=[r.name for r in previous]))
     earlier = {r.name: r for r in previous}
     prev_started = dict((previous_meta or {}).get("started_of") or {})
     started_of = {n: prev_started.get(n, (previous_meta or {}).get("started", "?")) for n in earlier}
@@ -226,7 +228,7 @@ def run_checks(checks: Sequence[Any], preset: str, out: Path, seeds: list[int], 
             bar.set_postfix_str(check.name, refresh=True)
             t1 = time.time()
             try:
-                res = run_check(check, ctx, fig_dir=out / "figures")
+                res = run_check(check, ctx, fig_dir=out / "figures", plan=plans[check.name])
             except Exception as e:  # a crash is recorded, the suite goes on
                 crashed = True
                 res = crash_result(check, ctx, e, time.time() - t1)
