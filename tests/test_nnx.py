@@ -312,8 +312,9 @@ def test_metrics_equal_native_with_plugins():
                          [Mixed(k=jnp.asarray(0.5), first=ReLU(), second=JSReLU())])
     gsnnx.add_zeroth_bias(m, sites)
     gsnnx.mix_activation(m, sites, "jsrelu", k=0.5)
-    for s, v in zip(sites, b0):
-        gsnnx._get(m, s.key).zeroth_bias[...] = v
+    assert [s.key for s in sites] == [("blocks", 0, "fc1")]
+    for blk, v in zip(m.blocks, b0):
+        blk.fc1.zeroth_bias[...] = v
     _, _, met = _nnx_step(tuple(sites))(m, X, Y)
     _, _, met_n = _native_step(native, X, Y)
     _compare(met, met_n, "residual LN-MLP (1 block) with zeroth bias + mixed(0.5)")
@@ -466,3 +467,23 @@ def test_spectra_rows_by_path_match_the_native_model():
         gsnnx.named_matrices(nnx.LayerNorm(4, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="expected a flax.nnx.Module or nnx.State"):
         gsnnx.named_matrices({"w": np.ones((2, 2))})
+
+
+# ------------------------------------------------------------------ the package's names
+def test_public_names_and_the_shared_plugin_definitions():
+    """Every name of ``__all__`` resolves; the projection type and the zeroth-bias placements are
+    the ones of gradsparse.plugins (one definition), and the placement check reads the same."""
+    import gradsparse.plugins
+    import gradsparse.plugins.zeroth_bias
+
+    for name in gsnnx.__all__:
+        assert getattr(gsnnx, name) is not None, name
+    assert gsnnx.Projection is gradsparse.plugins.Projection
+    assert gsnnx.PLACEMENTS is gradsparse.plugins.zeroth_bias.PLACEMENTS
+    assert gsnnx.MATCH_RTOL == 1e-5
+    _, m = _mlp_pair(depth=1)
+    sites = gsnnx.find_mlp_blocks(m, X[:4])
+    with pytest.raises(ValueError, match="zeroth_bias_placement: unknown value 'middle'; allowed: input, output"):
+        gsnnx.add_zeroth_bias(m, sites, placement="middle")
+    with pytest.raises(ValueError, match="zeroth_bias_placement: unknown value 'middle'; allowed: input, output"):
+        gsnnx.sparsify(m, sites, zeroth_bias=True, zeroth_bias_placement="middle")
