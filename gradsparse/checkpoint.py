@@ -38,6 +38,7 @@ import equinox as eqx
 import jax
 
 from gradsparse._validate import check_int
+from gradsparse.errors import CheckpointDamaged  # noqa: F401 - also imported from here
 from gradsparse.factory import skeleton_from_header
 from gradsparse.io import atomic_write_bytes
 
@@ -47,11 +48,6 @@ _NAME = re.compile(r"^step_(\d{8,})\.eqx$")
 _TRAILER = re.compile(rb', "header_sha256": "([0-9a-f]{64})"\}\s*$')
 #: any last field holding a SHA-256 (a header_sha256 whose name was damaged, or a legacy payload_sha256)
 _LAST_DIGEST = re.compile(rb', "([^"]*)": "[0-9a-f]{64}"\}\s*$')
-
-
-class CheckpointDamaged(ValueError):
-    """A checkpoint file whose bytes are not what was saved (truncated, flipped, edited); the
-    message names the file and says "damaged"."""
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:

@@ -10,6 +10,9 @@ line on stderr, never a traceback:
   needed, a path under a pseudo-filesystem such as /proc): the path, the flag that chose it and
   what is wrong, exit 2 (:func:`os_error_line`);
 - running out of memory anyway (``MemoryError``, XLA ``RESOURCE_EXHAUSTED``): exit 2;
+- the loss or a gradient became NaN/inf (:class:`gradsparse.errors.TrainingDiverged`): one line
+  naming the step and the layer, exit 3 (the log ends at the last good logged step, the last
+  checkpoint is kept);
 - Ctrl-C: what was kept and, for a run, the exact ``--resume`` command, exit 130.
 """
 
@@ -21,6 +24,8 @@ import importlib
 import os
 import shlex
 import sys
+
+from gradsparse.errors import TrainingDiverged
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -236,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     name = f"gradsparse {args.command}"
     try:
         return int(args._run(args) or 0)
+    except TrainingDiverged as e:
+        print(f"{name}: stopped: {e}", file=sys.stderr)
+        return 3
     except ValueError as e:
         print(f"{name}: error: {str(e).replace(chr(10), ' ')}", file=sys.stderr)
         return 2

@@ -63,6 +63,7 @@ from tqdm.auto import tqdm
 from gradsparse._validate import check_bool
 from gradsparse.activations import Mixed
 from gradsparse.checkpoint import list_checkpoints, read_header, read_leaves
+from gradsparse.errors import TrainingDiverged, TrainingInterrupted
 from gradsparse.distill import default_split, heldout_metrics, sentence_batch
 from gradsparse.factory import build_distill
 from gradsparse.io import atomic_write_json
@@ -71,7 +72,6 @@ from gradsparse.relufy_config import DistillConfig, check_resumable
 from gradsparse.relufy_step import make_distill_step, make_embed_fn
 from gradsparse.runfolder import (LogWriter, git_dirty, git_revision, lock_run_folder, logged, remove_temp_files,
                                   resume_log, resume_times, versions)
-from gradsparse.train import TrainingDiverged, TrainingInterrupted
 
 #: checkpoint header 'kind' of a relufication run
 KIND = "gradsparse-distill-1"

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from gradsparse import covariance
 from gradsparse._validate import check_bool
 from gradsparse.config import TrainConfig
+from gradsparse.errors import TrainingDiverged, TrainingInterrupted  # noqa: F401 - also imported from here
 from gradsparse.data import (LABEL_NOISE_TAG, Batcher, DataInfo, Dataset, data_sha256, heldout_batch, load_dataset,
                              noisy_labels, noisy_labels_device)
 from gradsparse.factory import Built, RunKeys, build, init_state, make_accumulator, make_optimizer, make_schedule
@@ -43,39 +44,6 @@ from gradsparse.monitors import summarize
 from gradsparse.parallel import DataParallel
 from gradsparse.runfolder import Resume, logged, open_run, plan_resume, stored_config
 from gradsparse.step import final_eval, flatness_fn, locate_nonfinite, make_eval_fn, make_train_chunk, make_train_step
-
-
-class TrainingDiverged(RuntimeError):
-    """Raised when the loss or a gradient becomes NaN/inf; names the step and the first bad layer."""
-
-    def __init__(self, step: int, where: str, checkpoint: Path | None):
-        self.step, self.where, self.checkpoint = step, where, checkpoint
-        keep = f"; last good checkpoint: {checkpoint}" if checkpoint else ""
-        super().__init__(f"non-finite loss or gradient at step {step} ({where}){keep}")
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Raised when training is interrupted (Ctrl-C, SIGINT): a checkpoint at the current step
-    was saved when one could be written (``checkpoint``, ``saved``), so ``--resume`` continues
-    from ``step``; ``message`` says what was kept."""
-
-    def __init__(self, step: int, steps: int, checkpoint: Path | None, saved: bool, out: Path | None,
-                 why_not: str | None = None):
-        self.step, self.steps, self.checkpoint, self.saved, self.out = step, steps, checkpoint, saved, out
-        msg = f"interrupted at step {step} of {steps}; "
-        if why_not:
-            msg += f"no checkpoint written ({why_not}); "
-        if out is None:
-            msg += "no run folder: nothing kept"
-        elif saved:
-            msg += f"checkpoint {checkpoint} holds step {step}"
-        elif checkpoint is not None:
-            msg += f"the newest checkpoint is {checkpoint}"
-        else:
-            msg += "no checkpoint yet, so a resume starts from step 0"
-        self.message = msg
-        self.resumable = out is not None
-        super().__init__(msg)
 
 
 @dataclass

@@ -44,7 +44,8 @@ from gradsparse.factory import make_schedule
 from gradsparse.memory import available_memory, estimate, fmt_bytes
 from gradsparse.runfolder import open_run
 from gradsparse.step import flatness_fn, make_eval_fn, make_train_chunk, make_train_step
-from gradsparse.train import (RunResult, TrainingInterrupted, finish_run, flat_step, prepare, record, step_plan,
+from gradsparse.errors import TrainingInterrupted
+from gradsparse.train import (RunResult, finish_run, flat_step, prepare, record, step_plan,
                               train)
 
 #: the key of ``summary.json`` (and ``RunResult.final``) naming the seeds trained together

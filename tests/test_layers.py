@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: module (or package prefix) -> layer, bottom up; a module may import from its own layer or below
 LAYERS = {
     "gradsparse._validate": 1, "gradsparse.io": 1, "gradsparse.runtime": 1, "gradsparse.parallel": 1,
-    "gradsparse.activations": 1,
+    "gradsparse.activations": 1, "gradsparse.errors": 1,
     "gradsparse.data": 2, "gradsparse.models": 2, "gradsparse.monitors": 2, "gradsparse.flatness": 2,
     "gradsparse.rmt": 2, "gradsparse.powerlaw": 2, "gradsparse.covariance": 2, "gradsparse.weights": 2, "gradsparse.sentences": 2,
     "gradsparse.plugins": 3, "gradsparse.config": 3, "gradsparse.figures": 3, "gradsparse.figures_spectra": 3,

@@ -39,7 +39,7 @@ from gradsparse.relufy import relufy
 from gradsparse.relufy_config import DISTILL_ACTIVATIONS, DISTILL_MODULES, DistillConfig
 from gradsparse.runfolder import refuse_existing_run, run_contents, stored_config
 from gradsparse.step import final_eval
-from gradsparse.train import TrainingDiverged, train
+from gradsparse.train import train
 
 
 def parse_modules(text: str) -> list[str]:
@@ -198,11 +198,7 @@ def run_hf(args: argparse.Namespace) -> int:
         raise ValueError(f"{_flag(field)}:{rest}" if field in fields else str(e)) from None
     if not (args.overwrite or args.resume):
         refuse_existing_run(out)
-    try:
-        res = relufy(cfg, out, resume=args.resume, progress=not args.quiet and sys.stderr.isatty())
-    except TrainingDiverged as e:
-        print(f"gradsparse finetune: stopped: {e}", file=sys.stderr)
-        return 3
+    res = relufy(cfg, out, resume=args.resume, progress=not args.quiet and sys.stderr.isatty())
     b, a = res.summary["before"], res.summary["after"]
     print(f"relufied {folder} ({cfg.activation}, modules [{', '.join(mods) or 'none'}], {cfg.steps} steps): "
           f"density {b['teacher_positive_fraction/mean']:.4f} (GELU, positive) / {b['density/mean']:.4f} (relufied) "
@@ -254,12 +250,8 @@ def run(args: argparse.Namespace) -> int:
     ds = data.load_dataset(ft_cfg.data, seed=ft_cfg.seed, path=ft_cfg.data_path, n_train=ft_cfg.n_train,
                       n_test=ft_cfg.n_test)
     before = final_eval(built.model, ds, ft_cfg.seq_len, RunKeys.of(ft_cfg.seed).heldout)
-    try:
-        run_res = train(ft_cfg, out, dataset=ds, start=built, progress=not args.quiet and sys.stderr.isatty(),
-                        resume=args.resume, skip_damaged=args.skip_damaged)
-    except TrainingDiverged as e:
-        print(f"gradsparse finetune: stopped: {e}", file=sys.stderr)
-        return 3
+    run_res = train(ft_cfg, out, dataset=ds, start=built, progress=not args.quiet and sys.stderr.isatty(),
+                    resume=args.resume, skip_damaged=args.skip_damaged)
     f = run_res.final
     print(f"finetuned {ckpt} with modules [{', '.join(mods) or 'none'}]: {run_summary(f, ft_cfg.steps)}; "
           f"test accuracy {before['test_accuracy']:.3f} -> {f['test_accuracy']:.3f}; run folder {out}")

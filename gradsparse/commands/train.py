@@ -32,7 +32,7 @@ from gradsparse.config import MODELS, NOISE_KINDS, OPTIMIZERS, SCHEDULES, TrainC
 from gradsparse import data
 from gradsparse.data import DATASETS
 from gradsparse.runfolder import refuse_existing_run, stored_config
-from gradsparse.train import TrainingDiverged, train
+from gradsparse.train import train
 
 # CLI flag -> config field, for the plain scalar options
 _FIELDS = ("activation", "width", "mlp_ratio", "depth", "heads", "patch", "seq_len", "steps", "batch_size", "lr",
@@ -164,12 +164,8 @@ def run(args: argparse.Namespace) -> int:
     if not (args.overwrite or args.resume):
         refuse_existing_run(out)
     ds = data.load_dataset(cfg.data, seed=cfg.seed, path=cfg.data_path, n_train=cfg.n_train, n_test=cfg.n_test)
-    try:
-        res = train(cfg, out, dataset=ds, progress=not args.quiet and sys.stderr.isatty(), resume=args.resume,
-                    skip_damaged=args.skip_damaged)
-    except TrainingDiverged as e:
-        print(f"gradsparse train: stopped: {e}", file=sys.stderr)
-        return 3
+    res = train(cfg, out, dataset=ds, progress=not args.quiet and sys.stderr.isatty(), resume=args.resume,
+                skip_damaged=args.skip_damaged)
     f = res.final
     print(f"trained {cfg.model} on {cfg.data}: {run_summary(f, cfg.steps)}; test accuracy {f['test_accuracy']:.3f}; "
           f"run folder {out}")
