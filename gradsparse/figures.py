@@ -8,7 +8,8 @@ file per format (PNG, plus PDF by default) atomically via :func:`gradsparse.figu
 
 - :func:`plot_curves`: ``{label: (steps, values)}`` line plot (one line per label).
 - :func:`plot_bands`: ``{label: (steps, [values per seed])}``: mean line with a min-max band.
-- :func:`plot_bars`: grouped bars ``{group: {label: [values per seed]}}``: bar = mean, dots = seeds.
+- :func:`plot_bars`: grouped bars ``{group: {label: [values per seed]}}``: bar = mean, dots = seeds
+  (:func:`draw_bars` draws them on a given matplotlib Axes, for figures of several panels).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from gradsparse.figures_spectra import FORMATS, save_figure
 
-__all__ = ["plot_curves", "plot_bands", "plot_bars"]
+__all__ = ["plot_curves", "plot_bands", "plot_bars", "draw_bars"]
 
 
 def _new_figure(figsize: tuple[float, float] = (6.4, 4.0)) -> Any:
@@ -91,22 +92,23 @@ def plot_bands(bands: Mapping[str, Any], out: str | os.PathLike, *, xlabel: str 
     return save_figure(fig, out, formats)
 
 
-def plot_bars(groups: Mapping[str, Mapping[str, Sequence[float]]], out: str | os.PathLike, *, ylabel: str = "",
-              title: str | None = None, logy: bool = False, formats: Sequence[str] = FORMATS) -> list[Path]:
-    """Grouped bars: ``{group: {label: [per-seed values]}}``; bar height = mean, dots = seeds.
-
-    Every group must have the same labels (in the same order); groups sit along the x axis.
-    """
+def _check_groups(groups: Any, what: str) -> list[str]:
     if not isinstance(groups, Mapping) or not groups:
-        raise ValueError("plot_bars needs a non-empty dict {group: {label: [values]}}")
+        raise ValueError(f"{what} needs a non-empty dict {{group: {{label: [values]}}}}")
     labels = list(next(iter(groups.values())).keys())
     if not labels:
-        raise ValueError("plot_bars: groups need at least one label")
+        raise ValueError(f"{what}: groups need at least one label")
     for g, d in groups.items():
         if list(d.keys()) != labels:
-            raise ValueError(f"plot_bars: group {g!r} has labels {list(d.keys())}, expected {labels}")
-    fig = _new_figure((max(6.4, 1.2 * len(groups) * max(1, len(labels)) * 0.6 + 2), 4.0))
-    ax = fig.add_subplot(1, 1, 1)
+            raise ValueError(f"{what}: group {g!r} has labels {list(d.keys())}, expected {labels}")
+    return labels
+
+
+def draw_bars(ax: Any, groups: Mapping[str, Mapping[str, Sequence[float]]], *, ylabel: str = "",
+              title: str | None = None, fontsize: float = 7) -> None:
+    """Grouped bars on ``ax`` (linear y): ``{group: {label: [per-seed values]}}``; bar height = mean
+    over seeds, black dots = the seeds. Every group must have the same labels, in the same order."""
+    labels = _check_groups(groups, "draw_bars")
     width = 0.8 / len(labels)
     xs = np.arange(len(groups))
     for j, label in enumerate(labels):
@@ -120,12 +122,23 @@ def plot_bars(groups: Mapping[str, Mapping[str, Sequence[float]]], out: str | os
         for p, v in zip(pos, pts):
             ax.plot(np.full(v.size, p), v, "k.", ms=4)
     ax.set_xticks(xs)
-    ax.set_xticklabels([str(g) for g in groups], fontsize=8)
+    ax.set_xticklabels([str(g) for g in groups], fontsize=fontsize + 1)
     ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=fontsize + 3)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=fontsize)
+
+
+def plot_bars(groups: Mapping[str, Mapping[str, Sequence[float]]], out: str | os.PathLike, *, ylabel: str = "",
+              title: str | None = None, logy: bool = False, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Grouped bars: ``{group: {label: [per-seed values]}}``; bar height = mean, dots = seeds
+    (:func:`draw_bars`). Every group must have the same labels (in the same order); groups sit along
+    the x axis."""
+    labels = _check_groups(groups, "plot_bars")
+    fig = _new_figure((max(6.4, 1.2 * len(groups) * max(1, len(labels)) * 0.6 + 2), 4.0))
+    ax = fig.add_subplot(1, 1, 1)
+    draw_bars(ax, groups, ylabel=ylabel, title=title)
     if logy:
         ax.set_yscale("log")
-    if title:
-        ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7)
     return save_figure(fig, out, formats)

@@ -26,6 +26,7 @@ from gradsparse.io import atomic_write_with
 __all__ = [
     "save_figure",
     "plot_esd",
+    "reported_spikes",
     "plot_ratio_vs_step",
     "plot_near_zero_vs_step",
     "plot_bounds_vs_step",
@@ -92,12 +93,30 @@ def _check_series(series: Mapping[str, Any], what: str) -> dict[str, tuple[np.nd
     return out
 
 
-def _fit_params(fit: Any) -> tuple[float, float, np.ndarray, float]:
+def _fit_params(fit: Any) -> tuple[float, float, np.ndarray, float, bool]:
+    """(s2, c, eigenvalues the fit removed above its edge, KS, fit_ok) of an MP fit (a dict without
+    ``fit_ok`` counts as ok)."""
     if isinstance(fit, rmt.MPFit):
-        return fit.s2, fit.c, np.asarray(fit.spikes, dtype=np.float64), fit.ks
+        return fit.s2, fit.c, np.asarray(fit.spikes, dtype=np.float64), fit.ks, bool(fit.fit_ok)
     if isinstance(fit, Mapping) and "s2" in fit and "c" in fit:
-        return float(fit["s2"]), float(fit["c"]), np.asarray(fit.get("spikes", []), np.float64), float(fit.get("ks", math.nan))
-    raise ValueError("fit must be an rmt.MPFit or a dict with keys 's2' and 'c' (optionally 'spikes', 'ks')")
+        return (float(fit["s2"]), float(fit["c"]), np.asarray(fit.get("spikes", []), np.float64),
+                float(fit.get("ks", math.nan)), bool(fit.get("fit_ok", True)))
+    raise ValueError("fit must be an rmt.MPFit or a dict with keys 's2' and 'c' (optionally 'spikes', 'ks', 'fit_ok')")
+
+
+def reported_spikes(fit: Any) -> np.ndarray | None:
+    """The spikes a spectrum table reports for an MP fit (descending): the eigenvalues the TW test
+    removed above the fitted edge when ``fit_ok``; None where ``fit_ok`` is false (``num_spikes`` is
+    withheld there: the MP law does not describe the bulk, so nothing beyond its edge is a spike of it)."""
+    if fit is None:
+        return np.zeros(0)
+    _, _, spk, _, ok = _fit_params(fit)
+    return np.sort(spk)[::-1] if ok else None
+
+
+#: label of the spike marks (rug ticks at the foot of an ESD panel), of the note where they are withheld
+SPIKE_LABEL = "spikes (TW test): {n}"
+WITHHELD_LABEL = "MP fit not ok: spikes withheld ({n} past the edge)"
 
 
 def plot_esd(
@@ -117,10 +136,13 @@ def plot_esd(
     ``eigs``: eigenvalues (e.g. of ``W W^T / N`` or of an accumulated covariance). The histogram is
     normalised by the total count, so it compares with the MP continuous density (mass
     ``min(1, 1/c)``); zeros (the atom) are left out of the bins. ``fit``: an :class:`rmt.MPFit` (or
-    dict with ``s2``, ``c``, ``spikes``) drawn as a solid line with its bulk edge; ``c_pred`` (with
-    ``s2_pred``, default: the fitted s2 or the mean eigenvalue) drawn dashed. Spikes (from ``fit``
-    or ``spikes``) are marked by red ticks; spikes far beyond the bulk are listed in the legend
-    instead of stretching the axis.
+    dict with ``s2``, ``c``, ``spikes``, ``fit_ok``) drawn as a solid line with its bulk edge;
+    ``c_pred`` (with ``s2_pred``, default: the fitted s2 or the mean eigenvalue) drawn dashed.
+
+    Spike marks: a red rug tick at the foot of the axis at each spike the spectrum table reports
+    (:func:`reported_spikes`: the fit's TW spikes when ``fit_ok``; none when it is not, which the
+    legend says), or at each of ``spikes`` when given; spikes far beyond the bulk are counted in the
+    legend instead of stretching the axis.
     """
     lam = np.asarray(eigs, dtype=np.float64).ravel()
     if lam.size == 0 or not np.all(np.isfinite(lam)):
@@ -147,12 +169,14 @@ def _draw_esd(
     top = float(np.max(np.abs(lam)))
     pos = lam[lam > 1e-9 * top] if top > 0 else lam[:0]
     fit_s2 = fit_c = None
-    spk = np.zeros(0)
+    spk = np.zeros(0)  # eigenvalues outside the bulk: they set the axis range
+    marks: np.ndarray | None = np.zeros(0)  # the spikes marked (None: withheld, the fit is not ok)
     ks = math.nan
     if fit is not None:
-        fit_s2, fit_c, spk, ks = _fit_params(fit)
+        fit_s2, fit_c, spk, ks, _ = _fit_params(fit)
+        marks = reported_spikes(fit)
     if spikes is not None:
-        spk = np.asarray(spikes, dtype=np.float64).ravel()
+        spk = marks = np.asarray(spikes, dtype=np.float64).ravel()
     if c_pred is not None:
         c_pred = float(c_pred)
         if not (math.isfinite(c_pred) and c_pred > 0):
@@ -185,12 +209,19 @@ def _draw_esd(
     if c_pred is not None and s2_pred is not None and s2_pred > 0:
         ax.plot(xs, rmt.mp_pdf(xs, c_pred, s2_pred), color="C1", lw=1.5, ls="--",
                 label=f"MP predicted: c={c_pred:.3g}")
-    near = spk[spk <= xmax]
-    if near.size:
-        ymax = ax.get_ylim()[1]
-        ax.vlines(near, 0, 0.25 * ymax, color="C3", lw=1.5, label=f"spikes ({spk.size})")
-    if far.size:
-        ax.plot([], [], " ", label=f"{far.size} spike(s) beyond axis, max {np.max(far):.3g}")
+    if marks is None:
+        ax.plot([], [], " ", label=WITHHELD_LABEL.format(n=spk.size))
+        if far.size:
+            ax.plot([], [], " ", label=f"{far.size} beyond the axis, max {np.max(far):.3g}")
+    elif marks.size:
+        near = marks[marks <= xmax]
+        # a rug at the foot of the axis (x: data, y: axes fraction): thin ticks stay apart where
+        # spikes crowd the edge, and hide neither the histogram nor the MP curve
+        ax.plot(near, np.full(near.size, 0.04), ls="none", marker="|", ms=9, mew=0.9, color="C3", alpha=0.9,
+                transform=ax.get_xaxis_transform(), label=SPIKE_LABEL.format(n=marks.size))
+        beyond = marks[marks > xmax]
+        if beyond.size:
+            ax.plot([], [], " ", label=f"{beyond.size} beyond the axis, max {np.max(beyond):.3g}")
     n_zero = lam.size - pos.size
     if n_zero:
         ax.plot([], [], " ", label=f"{n_zero} zero eigenvalues not binned")
@@ -462,10 +493,12 @@ def plot_model_spectra(
             where = f"layer {r.layer}" if r.layer is not None else r.name.split(".")[-2] if "." in r.name else r.name
             label = f"{where} {r.shape[0]}x{r.shape[1]}"
             if r.mp_fit is not None:
-                label += f"\nc={r.mp_fit.c:.3g} KS={r.mp_fit.ks:.3f} {'ok' if r.mp_fit.fit_ok else 'NOT ok'}"
+                label += (f"\nc={r.mp_fit.c:.3g} KS={r.mp_fit.ks:.3f} "
+                          + (f"ok, {r.mp_fit.num_spikes} spikes" if r.mp_fit.fit_ok else "NOT ok: no spikes"))
             panels.append((label, eigs, r.mp_fit))
         written += plot_esd_grid(panels, out_dir / f"esd_role_{role}", formats=formats,
-                                 title=f"{role}: ESD of W W^T / N vs fitted MP (red: spikes)")
+                                 title=f"{role}: ESD of W W^T / N vs fitted MP (red ticks: the TW spikes the "
+                                       "table reports; none where the fit is not ok)")
         pl_panels = []
         for r in group:
             if getattr(r, "pl_fit", None) is None:

@@ -56,7 +56,6 @@ from scipy.stats import rankdata, spearmanr
 
 from gradsparse.data import DataInfo
 from gradsparse.factory import bare_model, finetune_start
-from gradsparse.figures import plot_curves
 from gradsparse.plugins import sparsify
 from theory_checks.context import tail, SGD, Context, describe, sgd_config, sgd_runs
 from theory_checks.plan import CheckPlan, GatePlan, PartPlan, arm
@@ -291,24 +290,46 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
         model=f"{describe(cfg)}, label noise {p['label_noise']}, from the end of the SGD baseline", notes=notes)
 
 
-def figures(ser: dict[str, Any], out_dir) -> list:
-    def norm(v):
-        v = np.asarray(v, float)
-        return (v / np.nanmax(np.abs(v))).tolist() if v.size and np.nanmax(np.abs(v)) > 0 else v.tolist()
+#: the four quantities of the G4 figure: (series key, y label); each gets a panel of its own in its own units
+PANELS = (("trace_k", "tr(H_K)\n(fixed subset)"), ("eta_l2sq", "mean ||eta||^2\n(fixed subset)"),
+          ("density", "density, blocks 2..L\n(held-out)"), ("loss", "loss\n(fixed subset)"))
 
-    paths = []
-    for name, lo in (("g04_flatness", -1.0), ("g04_flatness_plateau", ser.get("window_start", 0.0))):
-        keep = [i for i, s in enumerate(ser["steps"]) if s >= lo]
-        st = [ser["steps"][i] for i in keep]
-        pick = lambda k: [ser[k][i] for i in keep]  # noqa: E731
-        curves = {"tr(H_K) (fixed subset) / max": (st, norm(pick("trace_k"))),
-                  "mean ||eta||^2 (fixed subset) / max": (st, norm(pick("eta_l2sq"))),
-                  "density blocks 2..L (held-out)": (st, pick("density")),
-                  "loss (fixed subset) / max": (st, norm(pick("loss")))}
-        which = "whole phase" if lo < 0 else "plateau window (judged: last half)"
-        paths += plot_curves(curves, out_dir / name, ylabel="value / max (density: raw)",
-                             title=f"G4: label-noise SGD phase, {which} (seed {ser['seed']})")
-    return paths
+
+def draw(ser: dict[str, Any], lo: float = -math.inf) -> Any:
+    """The G4 figure of one seed's label-noise phase (steps >= ``lo``) as a matplotlib Figure: one panel per
+    quantity (:data:`PANELS`), each on its own axis in its own units (no quantity is rescaled), the x axis
+    shared; the judged plateau window (``window_start`` on) is shaded."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    keep = [i for i, s in enumerate(ser["steps"]) if s >= lo]
+    steps = np.asarray([ser["steps"][i] for i in keep], float)
+    fig = Figure(figsize=(6.4, 6.4), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(PANELS), 1, sharex=True)
+    win = ser.get("window_start")
+    for i, (ax, (key, label)) in enumerate(zip(axes, PANELS)):
+        ax.plot(steps, np.asarray([ser[key][j] for j in keep], float), color=f"C{i}", lw=1.4, marker=".", ms=3)
+        ax.set_ylabel(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if win is not None and steps.size and steps[-1] >= win:
+            ax.axvspan(max(float(win), float(steps[0])), float(steps[-1]), color="0.85", lw=0,
+                       label="plateau window (judged: last half)" if i == 0 else None)
+    if win is not None and steps.size and steps[-1] >= win:
+        axes[0].legend(fontsize=7, loc="best")
+    axes[-1].set_xlabel("step of the label-noise phase")
+    which = "whole phase" if lo == -math.inf else "plateau window (judged: last half)"
+    fig.suptitle(f"G4: label-noise SGD phase, {which} (seed {ser['seed']})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def figures(ser: dict[str, Any], out_dir) -> list:
+    from gradsparse.figures_spectra import FORMATS, save_figure
+
+    return (save_figure(draw(ser), out_dir / "g04_flatness", FORMATS)
+            + save_figure(draw(ser, ser.get("window_start", 0.0)), out_dir / "g04_flatness_plateau", FORMATS))
 
 
 PHASE = {"smoke": dict(label_noise=0.1, phase_steps=80, flatness_every=10, log_every=10),

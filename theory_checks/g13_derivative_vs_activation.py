@@ -22,7 +22,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from gradsparse.figures import plot_bars
+from gradsparse.figures import draw_bars
+from gradsparse.figures_spectra import FORMATS, save_figure
 from gradsparse.models import zero_probes
 from theory_checks.context import BASE, base_config, base_runs, Context, describe, end_value, heldout, series
 from theory_checks.protocol import Check, Finding
@@ -82,7 +83,8 @@ def exact_gap(model: Any, x: np.ndarray) -> float:
 
 
 def run(ctx: Context, p: dict[str, Any]) -> Finding:
-    parts, per_seed, measured, ser = {}, {}, [], {"act_sparsity_end": {}, "deriv_sparsity_end": {}}
+    parts, per_seed, measured = {}, {}, []
+    ser: dict[str, dict[str, list[float]]] = {k: {} for k in SERIES_KEYS}
     x, _ = heldout(ctx, base_config(ctx.preset))
     for act in [a for a in (*RELU_LIKE, "gelu") if a in p["activations"]]:
         runs = base_runs(ctx) if act == "relu" else base_runs(ctx, activation=act)
@@ -98,8 +100,8 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
                          f"{act}/act_sparsity_end": a_end,
                          f"{act}/deriv_sparsity_start": d0, f"{act}/deriv_sparsity_end": d_end,
                          f"{act}/dsigma_sq_start": s0, f"{act}/dsigma_sq_end": s_end})
-        ser["act_sparsity_end"][act] = a_end
-        ser["deriv_sparsity_end"][act] = d_end
+        for k, v in zip(SERIES_KEYS, (a_end, d0, d_end, s0, s_end)):
+            ser[k][act] = [float(t) for t in v]
         if act in RELU_LIKE:
             parts[f"{act}_same"] = bound_verdict(gap, passes=lambda v: v == 0.0, fails=lambda v: v > 1e-3, kind="exact",
                                                  what=f"{act}: |frac(a == 0) - frac(sigma'(z) == 0)| (held-out, "
@@ -121,11 +123,51 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
                    notes=["GELU's zero-derivative set uses |sigma'| <= 1e-6 (gradsparse.activations.DERIV_TOL)"])
 
 
+#: what the G13 series holds, per activation and seed
+SERIES_KEYS = ("act_sparsity_end", "deriv_sparsity_start", "deriv_sparsity_end", "dsigma_sq_start", "dsigma_sq_end")
+
+
+def draw(ser: dict[str, Any]) -> Any:
+    """The G13 figure as a matplotlib Figure, each panel the quantity a part tests (bars: mean over seeds,
+    dots: seeds). Left, ReLU-like activations: derivative sparsity (fraction of z with sigma'(z) = 0) at the
+    start and end of training (the rise part) beside the activation sparsity at the end (the identity).
+    Right, GELU: E[sigma'(z)^2] at the start and end (the relative-fall part); a series saved before it
+    was recorded says so in the panel."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    acts = list(ser.get("deriv_sparsity_end", {}))
+    relu_like = [a for a in acts if a != "gelu"]
+    fig = Figure(figsize=(9.6, 4.0), dpi=120)
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(len(relu_like), 1) + 1, 2]})
+    start = ser.get("deriv_sparsity_start", {})
+    groups = {a: {**({"derivative sparsity, start": start[a]} if a in start else {}),
+                  "derivative sparsity, end": ser["deriv_sparsity_end"][a],
+                  "activation sparsity, end": ser["act_sparsity_end"][a]} for a in relu_like}
+    if groups:
+        draw_bars(left, groups, ylabel="fraction of units (train batches)",
+                  title=f"ReLU-like: sigma'(z) = 0 rises (delta {MIN_RISE})")
+    else:
+        left.set_axis_off()
+    s0, s1 = ser.get("dsigma_sq_start", {}), ser.get("dsigma_sq_end", {})
+    if "gelu" in s0 and "gelu" in s1:
+        fall = [(a - b) / a for a, b in zip(s0["gelu"], s1["gelu"])]
+        draw_bars(right, {"gelu": {"start": s0["gelu"], "end": s1["gelu"]}}, ylabel="E[sigma'(z)^2] (train batches)",
+                  title=f"GELU: E[sigma'(z)^2] falls by {np.mean(fall):.2f} (delta {MIN_FALL})")
+    elif "gelu" in acts:
+        right.text(0.5, 0.5, "E[sigma'(z)^2] of GELU is not in this report's\nseries: rerun G13 to draw it",
+                   ha="center", va="center", fontsize=8, transform=right.transAxes)
+        right.set_axis_off()
+    else:
+        right.set_axis_off()
+    fig.suptitle("G13: derivative vs activation sparsity (the quantities the parts test)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def figures(ser: dict[str, Any], out_dir) -> list:
-    groups = {a: {"activation sparsity": ser["act_sparsity_end"][a], "derivative sparsity": ser["deriv_sparsity_end"][a]}
-              for a in ser["act_sparsity_end"]}
-    return plot_bars(groups, out_dir / "g13_sparsity_per_activation", ylabel="fraction (end of training)",
-                     title="G13: activation vs derivative sparsity")
+    return save_figure(draw(ser), out_dir / "g13_sparsity_per_activation", FORMATS)
 
 
 CHECK = Check(

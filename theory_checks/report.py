@@ -53,7 +53,10 @@ def render_markdown(results: Sequence[Any], meta: dict[str, Any]) -> str:
                   "its verdicts say nothing about the claims.", ""]
     lines += [
         f"Preset **{meta['preset']}**, seeds {meta['seeds']}, {len(results)} check(s), wall time "
-        f"{meta.get('wall_s', 0):.0f} s, started {meta.get('started', '')}. "
+        f"{meta.get('wall_s', 0):.0f} s"
+        + (f" (compiling {meta['compile_s']:.0f} s, running {max(meta.get('wall_s', 0) - meta['compile_s'], 0):.0f} s)"
+           if isinstance(meta.get("compile_s"), (int, float)) else "")
+        + f", started {meta.get('started', '')}. "
         f"PASS {counts['PASS']}, FAIL {counts['FAIL']}, INCONCLUSIVE {counts['INCONCLUSIVE']}"
         + (f", crashed {len(crashed)}" if crashed else "") + ".",
         "",
@@ -108,6 +111,7 @@ def render_markdown(results: Sequence[Any], meta: dict[str, Any]) -> str:
         lines.append("")
     lines += multiplicity_lines(theory)
     lines += ["## Details", ""]
+    compile_of = meta.get("compile_s_of") or {}
     for r in results:
         lines += [f"### {r.name}: {r.title}", "",
                   f"- Model: {r.model or 'see the check'}",
@@ -116,7 +120,8 @@ def render_markdown(results: Sequence[Any], meta: dict[str, Any]) -> str:
                   f"- Verdict: **{r.verdict}**, {r.agree}/{r.n} seeds agree. {r.reason}"
                   + (f" ({SMOKE_NOTE})" if r.preset == "smoke" else ""),
                   f"- Measured: {r.measured}",
-                  f"- Seeds: {r.seeds}; preset {r.preset}; {r.elapsed_s:.1f} s"]
+                  f"- Seeds: {r.seeds}; preset {r.preset}; {r.elapsed_s:.1f} s"
+                  + (f" (compiling {compile_of[r.name]:.1f} s)" if r.name in compile_of else "")]
         if r.error:
             lines.append(f"- CRASHED: traceback in `{r.slug}.error.txt`")
         for g in r.gates:
@@ -227,6 +232,46 @@ README_FIGURES: dict[str, tuple[str, str]] = {
 }
 
 
+#: fields of a result the report digest leaves out: wall-clock times, which differ between runs of equal evidence
+DIGEST_SKIP = ("elapsed_s",)
+#: the record :func:`readme_figures` writes beside the figures: the digest of the report they were drawn from
+FIGURES_RECORD = "figures.json"
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=True).encode("utf-8")
+
+
+def report_digest(report_dir: str | os.PathLike) -> str:
+    """SHA-256 (hex) of the evidence of the report in ``report_dir``: its preset, seeds, plan hash,
+    every result of report.json without the wall-clock fields (:data:`DIGEST_SKIP`) and every
+    ``series/*.json``, as canonical JSON (sorted keys). Two runs that measured the same numbers have
+    the same digest whatever their timings; the README's table and figures name it."""
+    import hashlib
+
+    report_dir = Path(report_dir)
+    path = report_dir / "report.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: no readable report ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        raise ValueError(f"{path} is not a gradsparse check report (no results list)")
+    series = {}
+    for p in sorted((report_dir / "series").glob("*.json")):
+        series[p.stem] = json.loads(p.read_text(encoding="utf-8"))
+    doc = {"preset": data.get("preset"), "seeds": data.get("seeds"), "plan_sha256": data.get("plan_sha256"),
+           "results": [{k: v for k, v in r.items() if k not in DIGEST_SKIP} for r in data["results"]],
+           "series": series}
+    return hashlib.sha256(_canonical(doc)).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def load_series(report_dir: str | os.PathLike, slug: str) -> dict[str, Any]:
     """The series a check saved in ``report_dir/series/<slug>.json``."""
     p = Path(report_dir) / "series" / f"{slug}.json"
@@ -240,12 +285,20 @@ def load_series(report_dir: str | os.PathLike, slug: str) -> dict[str, Any]:
 
 def readme_figures(report_dir: str | os.PathLike, out_dir: str | os.PathLike,
                    formats: Sequence[str] = FORMATS) -> dict[str, list[Path] | str]:
-    """Draw the README figures from a check report folder (its ``series/*.json``).
+    """Draw the README figures from a check report folder (its ``series/*.json``), and record where
+    they come from in ``out_dir/figures.json`` (:data:`FIGURES_RECORD`): the report's digest
+    (:func:`report_digest`), preset, seeds, plan hash and start, and per figure the series it was
+    drawn from and the SHA-256 of every file written (a test compares the README's figures with it).
 
     Returns {figure name: written paths, or the reason it was skipped (series missing/empty)}.
     """
     out_dir = Path(out_dir)
     done: dict[str, list[Path] | str] = {}
+    try:
+        digest = report_digest(report_dir)
+        meta = json.loads((Path(report_dir) / "report.json").read_text(encoding="utf-8"))
+    except ValueError:
+        digest, meta = None, {}
     for name, (slug, _) in README_FIGURES.items():
         try:
             ser = load_series(report_dir, slug)
@@ -261,4 +314,14 @@ def readme_figures(report_dir: str | os.PathLike, out_dir: str | os.PathLike,
             done[name] = f"skipped: theory_checks.{slug} draws no README figure"
             continue
         done[name] = draw(ser, out_dir / name, formats)
+    drawn = {name: paths for name, paths in done.items() if not isinstance(paths, str)}
+    if drawn:
+        record = {"report_digest": digest, "preset": meta.get("preset"), "seeds": meta.get("seeds"),
+                  "plan_sha256": meta.get("plan_sha256"), "started": meta.get("started"),
+                  "figures": {name: {"series": f"series/{README_FIGURES[name][0]}.json",
+                                     "series_sha256": file_sha256(Path(report_dir) / "series"
+                                                                  / f"{README_FIGURES[name][0]}.json"),
+                                     "files": {Path(p).name: file_sha256(p) for p in paths}}
+                              for name, paths in drawn.items()}}
+        atomic_write_json(out_dir / FIGURES_RECORD, record)
     return done

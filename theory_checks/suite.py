@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import importlib
 import json
+import math
 import sys
 import time
 import traceback
@@ -21,6 +22,84 @@ from theory_checks.protocol import Check, CheckResult, Finding, Unavailable
 from theory_checks.report import SMOKE_NOTE, VMAP_NOTE, write_report
 from theory_checks.plan import judge, plan_bytes, plan_sha256
 from theory_checks.verdicts import Verdict, gated
+
+#: JAX's compile-time spans: tracing to a jaxpr, lowering to MLIR, and XLA compilation (or reading the
+#: executable from the persistent compilation cache) - :class:`CompileClock` measures their union
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+_CACHE_MISS = "/jax/compilation_cache/cache_misses"  # compiled by XLA and written to the persistent cache
+
+
+class CompileClock:
+    """Wall time JAX spends compiling while the clock is open (a context manager).
+
+    Listens to JAX's compile time spans (:data:`COMPILE_EVENTS`, through ``jax.monitoring``) and
+    counts the wall time covered by their union (nested spans, a jit traced inside another's trace,
+    count once); executables compiled by XLA (``compiled``) and read from the persistent compilation
+    cache (``cached``) are counted too. :meth:`since` gives the numbers after a :meth:`mark`.
+    Everything else in a wall time (training steps, measurements, data, I/O) is "running".
+    """
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float]] = []
+        self.compiled = 0
+        self.cached = 0
+
+    def _span(self, event: str, start: float, end: float, **_: Any) -> None:
+        if event in COMPILE_EVENTS:
+            self.spans.append((float(start), float(end)))
+
+    def _event(self, event: str, **_: Any) -> None:
+        if event == _CACHE_HIT:
+            self.cached += 1
+        elif event == _CACHE_MISS:
+            self.compiled += 1
+
+    def __enter__(self) -> "CompileClock":
+        from jax import monitoring
+
+        monitoring.register_event_time_span_listener(self._span)
+        monitoring.register_event_listener(self._event)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from jax import monitoring
+
+        monitoring.unregister_event_time_span_listener(self._span)
+        monitoring.unregister_event_listener(self._event)
+
+    def mark(self) -> tuple[float, int, int]:
+        """(now, executables compiled so far, read from the cache so far): pass to :meth:`since`."""
+        return time.time(), self.compiled, self.cached
+
+    def seconds(self, t0: float = -math.inf, t1: float = math.inf) -> float:
+        """Seconds of [t0, t1] covered by at least one compile span."""
+        total, end = 0.0, -math.inf
+        for a, b in sorted((max(a, t0), min(b, t1)) for a, b in self.spans):
+            if b <= a:
+                continue
+            if a > end:
+                total += b - a
+                end = b
+            elif b > end:
+                total += b - end
+                end = b
+        return total
+
+    def since(self, mark: tuple[float, int, int]) -> tuple[float, int, int]:
+        """(compile seconds, executables compiled, executables read from the cache) since ``mark``."""
+        t0, compiled, cached = mark
+        return self.seconds(t0), self.compiled - compiled, self.cached - cached
+
+
+def time_split(wall: float, compile_s: float, compiled: int, cached: int) -> str:
+    """'compiling 12.3 s (40 compiled, 7 from the cache), running 30.1 s' for a wall time."""
+    bits = [f"{compiled} compiled"] if compiled else []
+    if cached:
+        bits.append(f"{cached} from the cache")
+    return (f"compiling {compile_s:.1f} s" + (f" ({', '.join(bits)})" if bits else "")
+            + f", running {max(wall - compile_s, 0.0):.1f} s")
 
 
 def run_check(check: Check, ctx: Context, *, fig_dir: Path | None = None, plan: Any = None) -> CheckResult:
@@ -182,7 +261,7 @@ def _claim_order(name: str) -> int:
 
 def run_checks(checks: Sequence[Any], preset: str, out: Path, seeds: list[int], *, progress: bool = True,
                echo: bool = True, previous: Sequence[CheckResult] = (), previous_meta: dict[str, Any] | None = None,
-               vmap_seeds: str = "auto") -> tuple[list[Any], bool]:
+               vmap_seeds: str = "auto", clock: CompileClock | None = None) -> tuple[list[Any], bool]:
     """Run ``checks`` into ``out``; returns (results of this call, any_crashed). Writes the report
     after each check.
 
@@ -192,6 +271,9 @@ def run_checks(checks: Sequence[Any], preset: str, out: Path, seeds: list[int], 
     the report says which were kept and which replaced). On Ctrl-C the report is written marked
     interrupted, listing the checks that did not run, and :class:`ChecksInterrupted` is raised.
     ``vmap_seeds`` ("auto", "on", "off"): :attr:`theory_checks.context.Context.vmap_seeds`.
+    ``clock``: a :class:`CompileClock` to time compilation with (one is opened here otherwise); each
+    check's line (``echo``) and report.json (``compile_s_of``, ``compile_s``) say how much of its wall
+    time was compiling.
     """
     enable_compilation_cache()
     out.mkdir(parents=True, exist_ok=True)
@@ -222,29 +304,41 @@ def run_checks(checks: Sequence[Any], preset: str, out: Path, seeds: list[int], 
         meta["not_run"] = [c.name for c in checks if c.name not in done]
         write_report(out, merged, meta)
 
+    own_clock = clock is None
+    clock = (clock or CompileClock()).__enter__() if own_clock else clock
+    compile_of = dict((previous_meta or {}).get("compile_s_of") or {})
+    compile_of = {n: v for n, v in compile_of.items() if n in earlier}
     bar = tqdm(total=len(checks), disable=not progress, desc=f"check ({preset})", unit="check", dynamic_ncols=True)
     try:
         for check in checks:
             bar.set_postfix_str(check.name, refresh=True)
             t1 = time.time()
+            mark = clock.mark()
             try:
                 res = run_check(check, ctx, fig_dir=out / "figures", plan=plans[check.name])
             except Exception as e:  # a crash is recorded, the suite goes on
                 crashed = True
                 res = crash_result(check, ctx, e, time.time() - t1)
                 atomic_write_text(out / f"{check.slug}.error.txt", res.error or "")
+            comp_s, n_comp, n_cached = clock.since(mark)
+            compile_of[res.name] = round(comp_s, 2)
+            meta["compile_s_of"] = compile_of
+            meta["compile_s"] = round(clock.seconds(t0), 1)
             results.append(res)
             report()
             if echo:
                 msg = f"{res.name:4s} {('CRASHED' if res.error else res.verdict):12s} {res.agree}/{res.n}  " \
-                      f"{res.elapsed_s:6.1f}s  {res.measured}"
+                      f"{res.elapsed_s:6.1f}s ({time_split(time.time() - t1, comp_s, n_comp, n_cached)})  " \
+                      f"{res.measured}"
                 if res.preset == "smoke":
-                    msg = f"{msg[:340]}  [{SMOKE_NOTE}]"
-                tqdm.write(msg[:400], file=sys.stderr)
+                    msg = f"{msg[:400]}  [{SMOKE_NOTE}]"
+                tqdm.write(msg[:460], file=sys.stderr)
             bar.update(1)
     except KeyboardInterrupt:
         report(interrupted=True)
         raise ChecksInterrupted(out / "report.md", meta["not_run"]) from None
     finally:
         bar.close()
+        if own_clock:
+            clock.__exit__(None, None, None)
     return results, crashed

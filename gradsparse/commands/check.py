@@ -39,6 +39,66 @@ DEFAULT_OUT = Path("runs/check")
 #: the most seeds one invocation may ask for
 MAX_SEEDS = 1000
 
+#: wall seconds of each check at the quick preset (3 seeds; G10-G12 5) on 2 CPU cores with a warm
+#: compilation cache: the README's report (595 s in all, load 0.1-1.5). A check reuses the runs of the
+#: checks before it (G13 and G14 the baselines of G3), so one alone can take longer.
+QUICK_SECONDS = {"G1": 33, "G2": 8, "G3": 28, "G4": 47, "G5": 66, "G6": 15, "G7": 15, "G8": 3, "G9": 42,
+                 "G10": 172, "G11": 72, "G12": 56, "G13": 9, "G14": 30}
+#: a first run with an empty compilation cache (and no generated data) against a warm one, at quick
+#: (measured: see :func:`expected_time`)
+COLD_FACTOR = 2.3
+
+
+def check_number(name: str) -> int | None:
+    """14 for 'G14', 'g14', '14', 'g14_lazy_neuron_controls'; None for a name that is no check number
+    (parsed without importing the checks, so the first line can be printed at once)."""
+    import re
+
+    m = re.fullmatch(r"g?0*(\d{1,2})(_\w*)?", str(name).strip().lower())
+    return int(m.group(1)) if m and 1 <= int(m.group(1)) <= len(QUICK_SECONDS) else None
+
+
+def cache_is_cold() -> bool:
+    """Whether JAX's persistent compilation cache (``gradsparse.runtime.compilation_cache_dir``) holds
+    nothing yet: the run then compiles every executable."""
+    from gradsparse.runtime import compilation_cache_dir
+
+    folder = compilation_cache_dir()
+    try:
+        return not any(folder.iterdir())
+    except OSError:
+        return True
+
+
+def expected_time(names: list[str], preset: str, cold: bool) -> str:
+    """What a run of ``names`` (all when empty) is expected to cost, in words: at quick, the sum of
+    :data:`QUICK_SECONDS` (times :data:`COLD_FACTOR` with a cold compilation cache)."""
+    if preset == "smoke":
+        return "seconds per check (a code-path test)"
+    if preset != "quick":
+        return f"longer than the quick preset's {sum(QUICK_SECONDS.values()) / 60:.0f} min (no measured estimate)"
+    nums = [check_number(n) for n in names] if names else list(range(1, len(QUICK_SECONDS) + 1))
+    if any(n is None for n in nums):
+        return "unknown (a name that is not G1..G14)"
+    warm = sum(QUICK_SECONDS[f"G{n}"] for n in set(nums)) / 60
+    if cold:
+        return (f"about {warm * COLD_FACTOR:.0f} min on 2 idle CPU cores, as this is a first run: the compilation "
+                f"cache is empty (later runs about {max(warm, 1):.0f} min)")
+    return f"about {max(warm, 1):.0f} min on 2 idle CPU cores (compilation cache warm)"
+
+
+def _span(seeds: list[int]) -> str:
+    return f"{seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
+
+
+def announce(names: list[str], preset: str, seeds: list[int], out: Path) -> str:
+    """The first line a check run prints (before JAX or the checks are imported): what runs, where
+    the report goes, and what it is expected to cost."""
+    which = ", ".join(names) if names else f"all {len(QUICK_SECONDS)} checks (G1-G{len(QUICK_SECONDS)})"
+    return (f"gradsparse check: {which}, preset {preset}, seeds {_span(seeds)}, report in {out}; expected "
+            f"{expected_time(names, preset, cache_is_cold())}; a line per check follows, each saying how long "
+            f"it compiled and ran")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="*", metavar="NAME", help="checks to run (G1 ... G14, or slugs); default: all")
@@ -98,16 +158,19 @@ def _previous(out: Path, preset: str, seeds: list[int], overwrite: bool):
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.list:  # the first line, at once: before the checks (and with them JAX's models) are imported
+        check_seeds(args.seeds)
+        n = args.seeds if args.seeds is not None else (5 if args.preset in ("standard", "full") else 3)
+        if not args.quiet:
+            print(announce(list(args.names), args.preset, list(range(n)), args.out), file=sys.stderr, flush=True)
     # here, not at the top: the checks import the whole library, and `gradsparse --help` stays fast
-    from theory_checks.suite import get_checks, run_checks
+    from theory_checks.suite import CompileClock, get_checks, run_checks, time_split
 
     checks = get_checks(args.names)
     if args.list:
         for c in checks:
             print(f"{c.name:4s} {c.title}: {c.claim}")
         return 0
-    check_seeds(args.seeds)
-    n = args.seeds if args.seeds is not None else (5 if args.preset in ("standard", "full") else 3)
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
@@ -121,13 +184,16 @@ def run(args: argparse.Namespace) -> int:
               f"re-running and replacing {', '.join(replaced) or 'none'} (--overwrite starts a new report)")
     interactive = sys.stderr.isatty()
     t0 = time.time()
-    results, crashed = run_checks(checks, args.preset, out, seeds, progress=not args.quiet and interactive,
-                                  echo=not args.quiet, previous=previous, previous_meta=prev_meta,
-                                  vmap_seeds=args.vmap_seeds)
+    with CompileClock() as clock:
+        results, crashed = run_checks(checks, args.preset, out, seeds, progress=not args.quiet and interactive,
+                                      echo=not args.quiet, previous=previous, previous_meta=prev_meta,
+                                      vmap_seeds=args.vmap_seeds, clock=clock)
+    wall = time.time() - t0
+    split = time_split(wall, *clock.since((t0, 0, 0)))
     counts = {v: sum(1 for r in results if r.verdict == v and not r.error) for v in ("PASS", "FAIL", "INCONCLUSIVE")}
     merged = f" (merged: the report holds {len({r.name for r in [*previous, *results]})} checks)" if previous else ""
     smoke = " [smoke: a code-path test, not evidence]" if args.preset == "smoke" else ""
-    print(f"{len(results)} check(s) in {time.time() - t0:.0f} s: PASS {counts['PASS']}, FAIL {counts['FAIL']}, "
+    print(f"{len(results)} check(s) in {wall:.0f} s ({split}): PASS {counts['PASS']}, FAIL {counts['FAIL']}, "
           f"INCONCLUSIVE {counts['INCONCLUSIVE']}" + (f", CRASHED {sum(1 for r in results if r.error)}" if crashed else "")
           + f"; report {out / 'report.md'}{merged}{smoke}")
     return 1 if crashed else 0

@@ -1,35 +1,59 @@
-"""``gradsparse figures``: regenerate the README figures.
+"""``gradsparse figures``: draw the README figures into a folder of the user's (default ``runs/figures``).
 
 With ``--from DIR`` the figures are drawn from a finished ``gradsparse check`` report folder
-(its ``series/*.json``); without it, the checks the figures need (G3, G7, G10, G12) are run first
-in the chosen preset (default quick) into ``--work`` (default ``runs/figures``); a report
-already there is merged into as ``gradsparse check`` does (``--overwrite`` replaces it).
+(its ``series/*.json``); without it, the checks the figures need (G3, G7, G10, G12) are trained
+first in the chosen preset (default quick) into ``--work`` (default ``runs/figures/check``); a
+report already there is merged into as ``gradsparse check`` does (``--overwrite`` replaces it).
+The first line (stderr, at once) says what will be trained, for about how long, and where
+everything goes. Beside the figures, ``figures.json`` records the digest of the report they were
+drawn from (:func:`theory_checks.report.report_digest`), so figures and a report's table can be
+matched. The repository's own ``figures/`` is written only when asked for: ``--out figures``.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from gradsparse.commands import path_arg
-from gradsparse.commands.check import _previous, check_seeds
+from gradsparse.commands.check import QUICK_SECONDS, _previous, cache_is_cold, check_seeds, expected_time
+
+DEFAULT_OUT = Path("runs/figures")
+DEFAULT_WORK = DEFAULT_OUT / "check"
+#: the checks whose series the README figures draw (theory_checks.report.README_FIGURES), by name
+NEEDED = ("G3", "G7", "G10", "G12")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=path_arg, default=Path("figures"), help="where the figures go (default figures/)")
+    p.add_argument("--out", type=path_arg, default=DEFAULT_OUT,
+                   help=f"where the figures go (default {DEFAULT_OUT}; `--out figures` rewrites the repository's)")
     p.add_argument("--from", dest="source", type=path_arg, default=None,
                    help="a `gradsparse check` report folder to draw from (nothing is trained)")
     p.add_argument("--preset", choices=("smoke", "quick", "standard", "full"), default="quick",
                    help="preset of the checks run when --from is not given (default quick)")
-    p.add_argument("--work", type=path_arg, default=Path("runs/figures"),
-                   help="report folder for the checks run when --from is not given (default runs/figures)")
+    p.add_argument("--work", type=path_arg, default=DEFAULT_WORK,
+                   help=f"report folder for the checks run when --from is not given (default {DEFAULT_WORK})")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a report in --work instead of merging into it")
     p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds of those checks (default 3)")
     p.add_argument("--no-pdf", action="store_true", help="PNG only")
 
 
+def announce(args: argparse.Namespace) -> str:
+    """The first line of the command: what it draws from or trains, for about how long, and where."""
+    if args.source is not None:
+        return f"gradsparse figures: drawing the README figures from the report in {args.source} into {args.out}"
+    return (f"gradsparse figures: no --from report given, so first training the checks the figures need "
+            f"({', '.join(NEEDED)}; preset {args.preset}, {args.seeds} seeds) into {args.work}: "
+            f"{expected_time(list(NEEDED), args.preset, cache_is_cold())}; then drawing the figures into {args.out}. "
+            f"`--from DIR` draws from a finished `gradsparse check` report instead")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.source is None:
+        check_seeds(args.seeds)
+    print(announce(args), file=sys.stderr, flush=True)  # at once: before the checks (and JAX's models) load
     # here, not at the top: the checks import the whole library, and `gradsparse --help` stays fast
     from theory_checks.report import README_FIGURES, readme_figures
     from theory_checks.suite import get_checks, run_checks
@@ -41,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
         if not (source / "series").is_dir():
             raise FileNotFoundError(f"{source} holds no series/ folder; run `gradsparse check --out {source}` first")
     else:
-        check_seeds(args.seeds)
         if args.work.exists() and not args.work.is_dir():
             raise ValueError(f"--work {args.work} exists and is not a folder")
         seeds = list(range(args.seeds))
