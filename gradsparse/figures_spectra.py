@@ -63,8 +63,10 @@ def _stem(out: str | os.PathLike) -> Path:
     return p
 
 
-def save_figure(fig: Any, out: str | os.PathLike, formats: Sequence[str] = FORMATS) -> list[Path]:
-    """Write ``fig`` to ``out.<fmt>`` for each format, atomically; return the paths."""
+def save_figure(fig: Any, out: str | os.PathLike, formats: Sequence[str] = FORMATS, *, tight: bool = True) -> list[Path]:
+    """Write ``fig`` to ``out.<fmt>`` for each format, atomically; return the paths. ``tight``: crop to the
+    drawn content (``bbox_inches="tight"``, one extra layout pass per file); a figure laid out with
+    ``tight_layout`` already fits its canvas and skips it."""
     fmts = [str(f).lower().lstrip(".") for f in formats]
     if not fmts or any(f not in _ALLOWED_FORMATS for f in fmts):
         raise ValueError(f"formats must be a non-empty subset of {_ALLOWED_FORMATS}, got {list(formats)}")
@@ -72,7 +74,8 @@ def save_figure(fig: Any, out: str | os.PathLike, formats: Sequence[str] = FORMA
     paths = []
     for f in fmts:
         target = stem.with_name(stem.name + "." + f)
-        paths.append(atomic_write_with(target, lambda tmp, f=f: fig.savefig(tmp, format=f, bbox_inches="tight")))
+        paths.append(atomic_write_with(target, lambda tmp, f=f: fig.savefig(tmp, format=f,
+                                                                              bbox_inches="tight" if tight else None)))
     return paths
 
 
@@ -385,8 +388,8 @@ def _panel_grid(panels: Sequence[tuple[str, Any, Any]], out: str | os.PathLike, 
         ax.tick_params(labelsize=6)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    return save_figure(fig, out, formats)
+    fig.tight_layout()  # fits the panels and the title to the canvas: no second (bbox_inches="tight") pass
+    return save_figure(fig, out, formats, tight=False)
 
 
 def plot_esd_grid(
@@ -571,6 +574,11 @@ def _draw_pl_esd(ax: Any, lam: np.ndarray, fit: Any = None, *, title: str | None
             ax.axvline(xmin, color="C3", lw=1, ls=":", label=f"xmin={xmin:.3g} ({n_tail} in tail)")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    if fontsize < 7:  # a small panel: decade labels only (minor-tick labels crowd it and cost most of its drawing)
+        from matplotlib.ticker import NullFormatter
+
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("eigenvalue s^2")
     ax.set_ylabel("density")
     if title:

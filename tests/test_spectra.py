@@ -324,3 +324,52 @@ def test_cli_alpha_vs_step_for_a_run_with_checkpoints(tmp_path, capsys):
     assert "alpha" in out and "pl_fit_ok" in out
     names = {p.name for p in (run / "spectrum").iterdir()}
     assert {"alpha_vs_step.png", "ratio_vs_step.png", "spectrum.json"} <= names
+
+
+def test_cli_reports_the_whole_commands_time(npz_file, tmp_path, capsys):
+    """The command says how long it took in all (start-up included) and where the time went."""
+    import re
+
+    out = tmp_path / "figs"
+    assert cli.main(["spectrum", str(npz_file), "--out", str(out), "--formats", "png"]) == 0
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("spectrum: ")]
+    m = re.fullmatch(r"spectrum: ([\d.]+) s in all: start-up ([\d.]+) s, opening ([\d.]+) s, reading and analysis "
+                     r"([\d.]+) s, output ([\d.]+) s, figures ([\d.]+) s \((\d+) files; .*\)", line)
+    assert m, line
+    total, *parts, files = m.groups()
+    assert float(total) == pytest.approx(sum(float(p) for p in parts), abs=0.06)
+    assert float(parts[0]) > 0  # the start-up before run(): Python and the imports
+    assert int(files) == len(list(out.iterdir()))
+    assert cli.main(["spectrum", str(npz_file), "--no-figures"]) == 0
+    assert "figures" not in [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("spectrum: ")][0]
+
+
+def test_esd_grid_marks_the_table_spikes_per_panel(tmp_path, monkeypatch):
+    """In a grid, each panel marks the TW spikes its fit reports, and none where the fit is not ok."""
+    from matplotlib.figure import Figure
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((100, 400))
+    x[:2] *= np.sqrt([4.0, 6.0])[:, None]
+    ok = np.linalg.eigvalsh(x @ x.T / 400)
+    heavy = np.linalg.svd(rng.standard_t(2.5, (100, 400)), compute_uv=False) ** 2 / 400
+    fits = [rmt.fit_mp(ok), rmt.fit_mp(heavy, ks_max=1e-4)]
+    assert fits[0].fit_ok and not fits[1].fit_ok
+    drawn = {}
+    real_save = figures_spectra.save_figure
+
+    def keep(fig, out, formats=figures_spectra.FORMATS, **kw):
+        drawn["fig"] = fig
+        return real_save(fig, out, formats, **kw)
+
+    monkeypatch.setattr(figures_spectra, "save_figure", keep)
+    figures_spectra.plot_esd_grid([("ok", ok, fits[0]), ("heavy", heavy, fits[1])], tmp_path / "g", formats=("png",))
+    a, b = drawn["fig"].get_axes()
+    assert isinstance(drawn["fig"], Figure)
+    (ticks,) = [ln for ln in a.get_lines() if ln.get_label().startswith("spikes (TW test)")]
+    xmax = a.get_xlim()[1]
+    assert ticks.get_xdata().size >= 1
+    np.testing.assert_allclose(np.sort(ticks.get_xdata()), np.sort(fits[0].spikes[fits[0].spikes <= xmax]))
+    assert not [ln for ln in b.get_lines() if ln.get_label().startswith("spikes")]
+    assert any(t.get_text().startswith("MP fit not ok: spikes withheld") for t in b.get_legend().get_texts())

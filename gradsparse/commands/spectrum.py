@@ -31,14 +31,20 @@ false), the power-law (HT-SR) columns of WeightWatcher's default analysis (``alp
 ``alpha_weighted``, ``log_alpha_norm``, ``xmin``, ``pl_ks``, ``num_pl_evals``, ``pl_fit_ok``) and,
 with ``--randomize``, correlation traps (``num_traps``, ``rand_distance``; entries shuffled with
 ``--seed``). ``--no-fit`` skips the MP and power-law fits.
+
+Last, on stderr: the whole command's time and where it went (start-up: Python and the imports before
+the command runs; opening; reading and analysis; output; figures, usually most of it: ``--no-figures``
+skips them, ``--formats png`` halves them).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -194,7 +200,41 @@ def _summary_lines(rows: list[spectra.SpectrumRow]) -> list[str]:
     return lines
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: /proc), or None where that cannot be read: the
+    start-up before :func:`run` (Python, the library's imports) is part of what a user waits for."""
+    try:
+        with open("/proc/self/stat") as f:
+            start = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime, in clock ticks since boot
+        with open("/proc/uptime") as f:
+            up = float(f.read().split()[0])
+        return max(up - start / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def time_line(phases: dict[str, float], startup: float | None, files: int) -> str:
+    """'spectrum: 12.3 s in all: start-up 1.2 s, reading 0.4 s, analysis 1.9 s, figures 8.8 s (37 files)'."""
+    total = sum(phases.values()) + (startup or 0.0)
+    bits = ([f"start-up {startup:.1f} s"] if startup is not None else [])
+    bits += [f"{k} {v:.1f} s" for k, v in phases.items()]
+    line = f"spectrum: {total:.1f} s in all: {', '.join(bits)}"
+    if "figures" in phases:
+        line += f" ({files} files; --no-figures skips them, --formats png halves them)"
+    return line
+
+
 def run(args: argparse.Namespace) -> int:
+    startup = process_age()
+    clock = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - clock
+        clock = now
+
     path = Path(args.path)
     if not path.exists():
         raise FileNotFoundError(f"no model weights at {path}")
@@ -216,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
     figures = not args.no_figures
     roles = dict(args.role)
     wset = spectra.weight_set(path, args.select, roles=roles, layout=args.layout)
+    lap("opening")
     out = (Path(args.out) if args.out else _default_out(path, wset.conventions["format"])) if figures else None
     if out is not None and out.exists() and not out.is_dir():  # before the analysis: fail before printing
         raise ValueError(f"--out {out} exists and is not a folder; allowed: a folder (created when missing)")
@@ -226,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
     meta = spectra.table_metadata(wset, source=str(path), fit=fit, alpha=args.alpha, rtol=args.rtol,
                                   ks_max=args.ks_max, rows=rows, randomize=args.randomize,
                                   seed=args.seed if args.randomize else None)
+    lap("reading and analysis")
     history_rows: list[tuple[int, list]] = []
     if figures:
         hist = _history(path, args.max_checkpoints)
@@ -238,6 +280,7 @@ def run(args: argparse.Namespace) -> int:
                                                            select=args.select, roles=roles, progress=False,
                                                            power_law=fit)))
             history_rows.append((hist[-1][0], rows))
+            lap("earlier checkpoints")
     if args.csv:
         atomic_write_text(args.csv, spectra.rows_to_csv(rows))
     if args.json:
@@ -268,9 +311,14 @@ def run(args: argparse.Namespace) -> int:
                       "num_spikes_margin is WeightWatcher's margin rule on the same fit")
         if args.csv:
             print(f"wrote {args.csv}")
+    lap("output")
+    written: list[Path] = []
     if out is not None:
         document = spectra.rows_to_json(rows, metadata=meta)
         written = _figures(rows, history_rows, out, document, args.max_esd, formats)
+        lap("figures")
         if not args.json:
             print(f"wrote {len(written)} files to {out}")
+    # the whole command's time, where it went (stderr: --json keeps stdout to the JSON)
+    print(time_line(phases, startup, len(written)), file=sys.stderr)
     return 0
