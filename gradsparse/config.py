@@ -1,4 +1,11 @@
-"""Training configuration: one validated dataclass, serialised as JSON in every run folder."""
+"""Run configurations: validated dataclasses, serialised as JSON in every run folder.
+
+:class:`RunConfig` is the base of every run's config (:class:`TrainConfig` here, the relufication
+run's ``DistillConfig`` in :mod:`gradsparse.relufy.config`): ``to_dict`` / ``from_dict`` (unknown
+keys named with the closest field, missing required fields named), ``replace`` (a validated copy)
+and :meth:`RunConfig.check_resumable` (every field equal except ``steps``, which may only grow,
+and what a subclass frees or forbids) are defined once. Subclasses write ``validate``.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,10 @@ import dataclasses
 import difflib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from gradsparse._validate import check_bool, check_choice, check_float, check_int
-from gradsparse.activations import get_activation
+from gradsparse.activations import Activation, get_activation
 from gradsparse.data import DATASETS
 from gradsparse.plugins.noise import NOISE_KINDS, NOISE_PER
 from gradsparse.plugins.zeroth_bias import PLACEMENTS
@@ -32,8 +39,79 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
 }
 
 
+class RunConfig:
+    """The base of the run configs (dataclasses): serialisation, copies and the resume rule, once.
+
+    ``from_dict`` builds and validates from a JSON mapping: unknown keys are an error naming the
+    closest field, a missing required field is named, lists become tuples where the field's
+    default is a tuple (JSON has no tuples). ``to_dict`` is the inverse (tuples as lists).
+    """
+
+    #: fields a resumed run may change besides ``steps`` (checked elsewhere, e.g. against the disk)
+    RESUME_FREE: ClassVar[tuple[str, ...]] = ()
+
+    def validate(self) -> "RunConfig":  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def _upgrade(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """Configs written by earlier versions, brought to the current fields (default: as is)."""
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        """Build and validate from a mapping; unknown keys are an error (with the allowed ones)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"config must be a mapping, got {type(d).__name__}")
+        d = cls._upgrade(d)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted((k for k in d if k not in fields), key=repr)
+        if unknown:
+            hints = [f"{k!r} -> {m[0]!r}" for k in unknown if isinstance(k, str)
+                     for m in [difflib.get_close_matches(k, fields, n=1)] if m]
+            hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+            raise ValueError(f"unknown config keys {unknown}{hint}; allowed: {sorted(fields)}")
+        missing = [n for n, f in fields.items() if n not in d and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"config: {', '.join(missing)} missing; it is required")
+        d = {k: tuple(v) if isinstance(v, list) and isinstance(fields[k].default, tuple) else v for k, v in d.items()}
+        return cls(**d).validate()
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A validated copy with ``changes`` applied (unknown names are an error)."""
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    def _extension_refused(self, stored: "RunConfig", where: str) -> str | None:
+        """Why ``stored`` (a run on disk) cannot be extended to this config's ``steps``, or None."""
+        return None
+
+    def check_resumable(self, stored: "RunConfig", where: str = "the run") -> None:
+        """ValueError unless the run started with ``stored`` may continue as this config: every
+        field equal except ``steps`` (which may only grow, and only where the subclass allows it:
+        :meth:`_extension_refused`) and :attr:`RESUME_FREE`."""
+        if type(stored) is not type(self):
+            raise ValueError(f"check_resumable compares two {type(self).__name__} objects, got "
+                             f"{type(stored).__name__}")
+        a, b = stored.to_dict(), self.to_dict()
+        for name in a:
+            if name != "steps" and name not in self.RESUME_FREE and a[name] != b[name]:
+                raise ValueError(f"{name}: {b[name]!r} differs from {a[name]!r} of {where}; a resumed run keeps its "
+                                 "config (only steps may grow)")
+        if self.steps < stored.steps:
+            raise ValueError(f"steps: {self.steps} is fewer than the {stored.steps} of {where}; a resumed run can "
+                             "only be extended")
+        why = self._extension_refused(stored, where) if self.steps != stored.steps else None
+        if why:
+            raise ValueError(why)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
     """Everything that defines a run. ``validate()`` raises ValueError naming the bad field.
 
     Model: ``model`` (mlp | vit | lm), ``width`` d, ``mlp_ratio`` (n = mlp_ratio * d), ``depth``
@@ -132,7 +210,7 @@ class TrainConfig:
         if not isinstance(self.activation, str):
             raise ValueError(f"activation: must be a name string, got {self.activation!r}")
         try:
-            get_activation(self.activation)
+            self.act
         except ValueError as e:
             raise ValueError(f"activation: {e}") from None
         for name, (lo, hi) in INT_BOUNDS.items():
@@ -189,29 +267,26 @@ class TrainConfig:
             raise ValueError(f"parent: got {self.parent!r}; allowed: null or a checkpoint path string")
         return self
 
-    # ---------------------------------------------------------------- (de)serialisation
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    @property
+    def act(self) -> Activation:
+        """The activation ``activation`` names, parsed once per name (validation and the factory share it)."""
+        cached = self.__dict__.get("_act")
+        if cached is None or cached[0] != self.activation:
+            cached = (self.activation, get_activation(self.activation))
+            self.__dict__["_act"] = cached
+        return cached[1]
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        """Build and validate from a mapping; unknown keys are an error (with the allowed ones)."""
-        if not isinstance(d, dict):
-            raise ValueError(f"config must be a mapping, got {type(d).__name__}")
+    def _upgrade(cls, d: dict[str, Any]) -> dict[str, Any]:
         if d.get("extra", None) == {}:  # configs written before 'extra' was removed (it was always empty)
             d = {k: v for k, v in d.items() if k != "extra"}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted((k for k in d if k not in names), key=repr)
-        if unknown:
-            hints = [f"{k!r} -> {m[0]!r}" for k in unknown if isinstance(k, str)
-                     for m in [difflib.get_close_matches(k, names, n=1)] if m]
-            hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
-            raise ValueError(f"unknown config keys {unknown}{hint}; allowed: {sorted(names)}")
-        return cls(**d).validate()
+        return d
 
-    def replace(self, **changes: Any) -> "TrainConfig":
-        """A validated copy with ``changes`` applied (unknown names are an error)."""
-        return TrainConfig.from_dict({**self.to_dict(), **changes})
+    def _extension_refused(self, stored: "TrainConfig", where: str) -> str | None:
+        if stored.schedule == "cosine":
+            return (f"steps: {where} uses schedule 'cosine', whose learning rate at every step depends on "
+                    f"steps ({stored.steps}); it cannot be extended to {self.steps}")
+        return None
 
 
 def check_resumable(stored: TrainConfig, cfg: TrainConfig, where: str = "the run") -> None:
@@ -224,14 +299,4 @@ def check_resumable(stored: TrainConfig, cfg: TrainConfig, where: str = "the run
     """
     if not isinstance(stored, TrainConfig) or not isinstance(cfg, TrainConfig):
         raise ValueError("check_resumable compares two TrainConfig objects")
-    a, b = stored.to_dict(), cfg.to_dict()
-    for name in a:
-        if name != "steps" and a[name] != b[name]:
-            raise ValueError(f"{name}: {b[name]!r} differs from {a[name]!r} of {where}; a resumed run keeps its "
-                             "config (only steps may grow, with schedule 'constant')")
-    if cfg.steps < stored.steps:
-        raise ValueError(f"steps: {cfg.steps} is fewer than the {stored.steps} of {where}; a resumed run can only "
-                         "be extended")
-    if cfg.steps != stored.steps and stored.schedule == "cosine":
-        raise ValueError(f"steps: {where} uses schedule 'cosine', whose learning rate at every step depends on "
-                         f"steps ({stored.steps}); it cannot be extended to {cfg.steps}")
+    cfg.check_resumable(stored, where)

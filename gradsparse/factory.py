@@ -31,7 +31,6 @@ import numpy as np
 import optax
 
 from gradsparse import covariance
-from gradsparse.activations import get_activation
 from gradsparse.config import TrainConfig
 from gradsparse.data import DataInfo
 from gradsparse.models import ByteLM, ResidualMLP, ViT, default_trainable
@@ -70,7 +69,7 @@ class Built:
 
 def bare_model(cfg: TrainConfig, info: DataInfo, key: Array) -> Any:
     """The model of ``cfg`` (before plug-ins) for data described by ``info``."""
-    act = get_activation(cfg.activation)
+    act = cfg.act
     if cfg.model == "mlp":
         d_in = int(np.prod(info.input_shape))
         return ResidualMLP.create(key, d_in, info.num_classes, width=cfg.width, depth=cfg.depth,

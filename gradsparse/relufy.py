@@ -62,16 +62,13 @@ from tqdm.auto import tqdm
 
 from gradsparse._validate import check_bool
 from gradsparse.activations import Mixed
-from gradsparse.checkpoint import list_checkpoints, read_header, read_leaves
 from gradsparse.errors import TrainingDiverged, TrainingInterrupted
 from gradsparse.distill import default_split, heldout_metrics, sentence_batch
 from gradsparse.factory import build_distill
-from gradsparse.io import atomic_write_json
 from gradsparse.models.bert import BertEncoder, SentenceTokenizer
-from gradsparse.relufy_config import DistillConfig, check_resumable
+from gradsparse.relufy_config import DistillConfig
 from gradsparse.relufy_step import make_distill_step, make_embed_fn
-from gradsparse.runfolder import (LogWriter, git_dirty, git_revision, lock_run_folder, logged, remove_temp_files,
-                                  resume_log, resume_times, versions)
+from gradsparse.runfolder import Resume, RunFolder, logged
 
 #: checkpoint header 'kind' of a relufication run
 KIND = "gradsparse-distill-1"
@@ -87,6 +84,8 @@ class DistillResult:
     out_dir: Path | None
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    #: True when ``relufy(..., resume=True)`` found the run finished: nothing was trained or written
+    already_complete: bool = False
 
 
 class HeldOut:
@@ -151,7 +150,8 @@ def _stored(out: Path) -> DistillConfig | None:
 
 
 def relufy(cfg: DistillConfig, out_dir: str | os.PathLike | None = None, *, resume: bool = False,
-           progress: bool = True, on_log: Callable[[dict[str, Any]], None] | None = None) -> DistillResult:
+           progress: bool = True, on_log: Callable[[dict[str, Any]], None] | None = None,
+           overwrite: bool | None = None, skip_damaged: bool = False) -> DistillResult:
     """Train the relufied student of ``cfg`` against its teacher (module docstring); write the run
     folder when ``out_dir`` is given. ``resume=True`` continues the run in ``out_dir``.
 
@@ -167,9 +167,10 @@ def relufy(cfg: DistillConfig, out_dir: str | os.PathLike | None = None, *, resu
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise ValueError("resume=True needs out_dir, the run folder to continue")
+    folder = RunFolder(out, resume=resume, overwrite=overwrite, skip_damaged=skip_damaged) if out is not None else None
     stored = _stored(out) if resume else None
     if stored is not None:
-        check_resumable(stored, cfg, f"the run in {out} (config.json)")
+        cfg.check_resumable(stored, f"the run in {out} (config.json)")
         cfg = cfg.replace(weights_sha256=stored.weights_sha256)
     built, teacher, tok, info = build_distill(cfg)  # refuses a folder whose weights changed
     cfg = cfg.replace(weights_sha256=info.weights_sha256)
@@ -181,26 +182,27 @@ def relufy(cfg: DistillConfig, out_dir: str | os.PathLike | None = None, *, resu
     opt_state = optimizer.init(eqx.filter(student, built.trainable))
     header = {"kind": KIND, "config": cfg.to_dict(), "bert_info": info.to_dict()}
 
-    first, records, lines, elapsed0, last_ckpt = 0, [], [], 0.0, None
-    cks = list_checkpoints(out) if stored is not None else []
-    if cks:
-        c, path = cks[-1]
-        h = read_header(path)
-        if h.get("kind") != KIND or h.get("step") != c:
-            raise ValueError(f"checkpoint {path} is not a step-{c} checkpoint of a relufication run")
-        check_resumable(DistillConfig.from_dict(h["config"]), cfg, f"checkpoint {path}")
-        if c > cfg.steps:
-            raise ValueError(f"checkpoint {path} is at step {c}, beyond steps {cfg.steps}")
-        student, opt_state, _ = read_leaves(path, student, opt_state)
-        loop = h.get("loop", {})
-        lines, records = resume_log(out / "log.jsonl", loop, c, cfg)
-        first, elapsed0, last_ckpt = c, float(loop.get("elapsed_s", 0.0)), path
     held = HeldOut(tok, held_sents, cfg.eval_batch, cfg.seq_len, teacher)
+    plan = Resume()
+    if folder is not None:
+        meta = {"model_folder": cfg.model_folder, "weights_sha256": cfg.weights_sha256, "bert_info": info.to_dict()}
+        plan = folder.open(cfg, header, student, opt_state, meta=meta)
+    if plan.complete:
+        return DistillResult(plan.model, plan.state, out, list(plan.records), dict(plan.summary), True)
+    if plan.checkpoint is not None:
+        student, opt_state = plan.model, plan.state
+    first, records, elapsed0, last_ckpt = plan.step, plan.records, plan.elapsed_s, plan.checkpoint
     step_fn = make_distill_step(optimizer, built.trainable, built.projections, hidden_weight=cfg.hidden_weight)
     data_key = jax.random.key(cfg.seed)
 
     # ------------------------------------------------------------ writing starts here
-    log = _open(out, cfg, info, lines, first, records) if out is not None else None
+    log = folder
+    if folder is not None:
+        try:
+            folder.start()
+        except BaseException:
+            folder.close()
+            raise
     history = list(records)
     t0 = time.time() - elapsed0
     bar = tqdm(total=cfg.steps, initial=first, disable=not progress, mininterval=0.5, dynamic_ncols=True,
@@ -208,10 +210,12 @@ def relufy(cfg: DistillConfig, out_dir: str | os.PathLike | None = None, *, resu
     cur = (first, student, opt_state)
     last_step = first if last_ckpt is not None else None
 
+    finished = False
+
     def save(step: int, m: Any, st: Any) -> Path | None:
         if out is None:
             return None
-        return log.checkpoint(out, step, m, st, header, time.time() - t0)
+        return log.checkpoint(step, m, st, time.time() - t0)
 
     try:
         for s in range(first, cfg.steps):
@@ -246,6 +250,7 @@ def relufy(cfg: DistillConfig, out_dir: str | os.PathLike | None = None, *, resu
             if cfg.checkpoint_every and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < cfg.steps:
                 last_ckpt, last_step = save(s + 1, student, opt_state), s + 1
         last_ckpt, last_step = save(cfg.steps, student, opt_state), cfg.steps
+        finished = True
     except KeyboardInterrupt:
         done, m, st = cur
         if out is None:
@@ -257,44 +262,16 @@ def relufy(cfg: DistillConfig, out_dir: str | os.PathLike | None = None, *, resu
         raise TrainingInterrupted(done, cfg.steps, save(done, m, st), True, out) from None
     finally:
         bar.close()
-        if log is not None:
+        if log is not None and not finished:
             log.close()
-    summary = _summary(cfg, history, student, held, time.time() - t0)
-    if out is not None:
-        atomic_write_json(out / "summary.json", summary)
-    return DistillResult(student, opt_state, out, history, summary)
-
-
-def _open(out: Path, cfg: DistillConfig, info: Any, kept: list[bytes], first: int,
-          records: list[dict[str, Any]]) -> LogWriter:
-    """Start (or continue) the run folder: lock, temp files, config.json, meta.json, the log writer."""
-    out.mkdir(parents=True, exist_ok=True)
-    lock = lock_run_folder(out)
     try:
-        remove_temp_files(out)
-        (out / "summary.json").unlink(missing_ok=True)
-        atomic_write_json(out / "config.json", cfg.to_dict())
-        meta_path = out / "meta.json"
-        now = {"versions": versions(), "seed": cfg.seed, "git_revision": git_revision(), "git_dirty": git_dirty(),
-               "model_folder": cfg.model_folder, "weights_sha256": cfg.weights_sha256, "bert_info": info.to_dict()}
-        if first == 0:
-            for _, p in list_checkpoints(out):
-                p.unlink(missing_ok=True)
-            atomic_write_json(meta_path, {**now, "started": time.time()})
-        else:
-            try:
-                meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                meta = dict(now)
-            meta["resumes"] = list(meta.get("resumes") or []) + [{"from_step": first, "steps": cfg.steps,
-                                                                 "time": time.time(), **now}]
-            atomic_write_json(meta_path, meta)
-        times = resume_times(out / "times.jsonl", [r["step"] for r in records]) if first else []
-        return LogWriter(out / "log.jsonl", kept if first else [], lock, out / "times.jsonl", times)
-    except BaseException:
-        if lock is not None:
-            lock.close()
-        raise
+        summary = _summary(cfg, history, student, held, time.time() - t0)
+        if folder is not None:
+            folder.finish(summary)
+    finally:
+        if folder is not None:
+            folder.close()
+    return DistillResult(student, opt_state, out, history, summary)
 
 
 def _summary(cfg: DistillConfig, history: list[dict[str, Any]], student: BertEncoder, held: HeldOut,

@@ -10,11 +10,10 @@ weights changed. :mod:`gradsparse.factory` builds the student, teacher and token
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 from gradsparse._validate import check_choice, check_float, check_int
+from gradsparse.config import RunConfig
 
 #: --activation of the relufication route: 'relu' replaces GELU by ReLU; 'mix' by the ReLU -> JSReLU
 #: mix (1 - k) ReLU + k JSReLU with k = min((s+1)/t_mix, 1) (SPEC 4.3)
@@ -29,7 +28,7 @@ _I32 = 2**31 - 1
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(RunConfig):
     """Everything that defines a relufication run (validated by :meth:`validate`).
 
     Model: ``model_folder`` (a Hugging Face BERT folder, stored resolved) and ``weights_sha256``
@@ -108,30 +107,15 @@ class DistillConfig:
         """t_up, defaulting to steps // 2 (at least 1)."""
         return max(1, self.steps // 2) if self.t_up is None else self.t_up
 
-    def replace(self, **changes: Any) -> "DistillConfig":
-        """A validated copy with ``changes``."""
-        return dataclasses.replace(self, **changes).validate()
+    RESUME_FREE = ("weights_sha256",)  # checked against the model folder by the factory
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["modules"] = list(self.modules)
-        return d
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> "DistillConfig":
-        """The validated config of a ``to_dict`` mapping; ValueError names unknown or missing fields."""
-        if not isinstance(d, dict):
-            raise ValueError(f"distill config: must be a mapping, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(DistillConfig)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"distill config: unknown field(s) {unknown}; allowed: {sorted(names)}")
-        if "model_folder" not in d:
-            raise ValueError("distill config: model_folder is missing")
-        d = dict(d)
-        if isinstance(d.get("modules"), list):
-            d["modules"] = tuple(d["modules"])
-        return DistillConfig(**d).validate()
+    def _extension_refused(self, stored: "DistillConfig", where: str) -> str | None:
+        """The default ramps (steps // 2) change with ``steps``: such a run cannot be extended."""
+        if (stored.t_mix is None and stored.activation == "mix") or (stored.t_up is None
+                                                                     and "restricted_ln" in stored.modules):
+            return (f"steps: {where} ramps its modules over steps // 2 (no --t-mix / --t-up given), so "
+                    f"extending it from {stored.steps} to {self.steps} steps would change its schedule")
+        return None
 
 
 def check_resumable(stored: DistillConfig, cfg: DistillConfig, where: str = "the run") -> None:
@@ -140,15 +124,4 @@ def check_resumable(stored: DistillConfig, cfg: DistillConfig, where: str = "the
     the factory). The learning rate is constant, so an extended run is the continuation of the
     shorter one; the default ramps (steps // 2) would change with ``steps``, so extending a run
     that uses them is refused."""
-    a, b = stored.to_dict(), cfg.to_dict()
-    for name in a:
-        if name not in ("steps", "weights_sha256") and a[name] != b[name]:
-            raise ValueError(f"{name}: {b[name]!r} differs from {a[name]!r} of {where}; a resumed run keeps its "
-                             "config (only --steps may grow)")
-    if cfg.steps < stored.steps:
-        raise ValueError(f"steps: {cfg.steps} is fewer than the {stored.steps} of {where}; a resumed run can only be "
-                         "extended")
-    if cfg.steps != stored.steps and ((stored.t_mix is None and stored.activation == "mix")
-                                      or (stored.t_up is None and "restricted_ln" in stored.modules)):
-        raise ValueError(f"steps: {where} ramps its modules over steps // 2 (no --t-mix / --t-up given), so "
-                         f"extending it from {stored.steps} to {cfg.steps} steps would change its schedule")
+    cfg.check_resumable(stored, where)

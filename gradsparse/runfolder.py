@@ -1,17 +1,26 @@
 """A run folder on disk: provenance, the lock, temp-file cleanup, resume reconciled in ONE place,
-and the log writer.
+the log writer, and :class:`RunFolder`, which owns open / resume / checkpoint / finish for every
+kind of run (training, seed groups, relufication).
 
 Layout: ``config.json``, ``meta.json`` (versions, seed, git revision, data digest, resumes),
 ``log.jsonl`` (one JSON object per logged step; a pure function of config and seed, so two runs
 of one config write identical bytes), ``times.jsonl`` (``{"step", "time"}`` per logged step: the
 wall-clock seconds since the run started, summed over resumed segments; kept out of log.jsonl
 so that the log stays reproducible), ``checkpoints/step_*.eqx``, ``summary.json``,
-``covariance.npz`` (with ``track_covariance``), ``.lock``.
+``covariance.npz`` (with ``track_covariance``). The folder itself is locked while a run writes it
+(:func:`lock_run_folder`; no lock file).
 
-:func:`run_contents` says whether a folder already holds (part of) a run: the commands refuse
-such a folder unless ``--resume`` or ``--overwrite`` is given. :func:`plan_resume` reads and
-checks everything a resumed run needs before anything is written; :func:`open_run` then writes
-the folder's start (fresh or resumed) and returns the :class:`LogWriter` the loop appends to.
+The order of :meth:`RunFolder.open` is the rule: lock the folder first, then decide (a new run,
+a resume, an overwrite) and check everything the run will read or write (config, meta, every
+checkpoint header and leaves it resumes from, the log, and that no file the run writes is a
+folder), and only then write (:meth:`RunFolder.start`). So a second process that checked ``--out``
+before the first one locked it still finds the folder as it is when it gets the lock, and a
+refused resume leaves every byte where it was. A damaged *content* of ``times.jsonl`` never stops
+a resume (wall-clock times are not part of what a run reproduces: the lines that still match are
+kept); a ``times.jsonl`` that is not a file is refused like any other such path.
+
+:func:`run_contents` says whether a folder already holds (part of) a run; :func:`check_out` is
+the ``--out`` rule (nothing but a run to resume, or an empty folder, unless ``--overwrite``).
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from gradsparse import __version__
 from gradsparse._validate import check_bool
 from gradsparse.checkpoint import (CheckpointDamaged, checkpoint_path, list_checkpoints, read_header, read_leaves,
                                    save_checkpoint)
-from gradsparse.config import TrainConfig, check_resumable
+from gradsparse.config import RunConfig, TrainConfig
 from gradsparse.io import atomic_write_bytes, atomic_write_json, with_target
 
 try:  # POSIX advisory locks; elsewhere a run folder is not locked
@@ -123,6 +132,18 @@ def run_contents(out: str | os.PathLike) -> list[str]:
     return found
 
 
+def _is_temp(p: Path) -> bool:
+    return p.name.startswith(".") and p.name.endswith(".tmp")
+
+
+def other_files(out: str | os.PathLike) -> list[str]:
+    """Entries of ``out`` that are no part of a run (not :data:`RUN_FILES`, the lock or temp files)."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES and p.name != ".lock" and not _is_temp(p))
+
+
 def refuse_existing_run(out: str | os.PathLike, flag: str = "--out") -> None:
     """ValueError when ``out`` holds (part of) a run: nothing there may be replaced without
     ``--overwrite`` (or continued without ``--resume``)."""
@@ -130,6 +151,18 @@ def refuse_existing_run(out: str | os.PathLike, flag: str = "--out") -> None:
     if found:
         raise ValueError(f"{flag} {out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
                          "--overwrite to replace it, or choose another folder")
+
+
+def check_out(out: str | os.PathLike, flag: str = "--out") -> None:
+    """The rule for a new run's folder without ``--overwrite``: it does not exist or is empty.
+    ValueError when it holds (part of) a run (:func:`refuse_existing_run`) or files of someone
+    else's (named). :meth:`RunFolder.open` applies it again once the folder is locked."""
+    refuse_existing_run(out, flag)
+    others = other_files(out)
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise ValueError(f"{flag} {out} is not empty and holds no run ({shown}); choose an empty or new folder, "
+                         "or pass --overwrite to write the run beside these files (they are kept)")
 
 
 def _read_json_file(path: Path, what: str) -> Any:
@@ -140,8 +173,9 @@ def _read_json_file(path: Path, what: str) -> Any:
                          "the run folder is damaged") from None
 
 
-def stored_config(out: Path) -> TrainConfig | None:
-    """The validated ``out/config.json``, or None when the folder holds none (nothing started)."""
+def stored_config(out: Path, cls: type[RunConfig] = TrainConfig) -> RunConfig | None:
+    """The validated ``out/config.json`` read as ``cls``, or None when the folder holds none
+    (nothing started)."""
     path = Path(out) / "config.json"
     if not path.exists():
         return None
@@ -150,7 +184,7 @@ def stored_config(out: Path) -> TrainConfig | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"{path} is not readable JSON ({type(e).__name__}: {e}); the run folder is damaged") from None
     try:
-        return TrainConfig.from_dict(stored)
+        return cls.from_dict(stored)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path} is not a valid config ({e}); the run folder is damaged") from None
 
@@ -160,9 +194,31 @@ def _json_norm(v: Any) -> Any:
     return json.loads(json.dumps(v, default=str))
 
 
+#: the files a run writes (each must be a file or absent) and how the header key is worded in errors
+_WRITES = ("config.json", "meta.json", "log.jsonl", "times.jsonl", "summary.json", "covariance.npz")
+_WHAT = {"data_info": "data shape", "data_sha256": "data", "kind": "kind of run", "bert_info": "model"}
+
+
+def check_writable_layout(out: Path) -> None:
+    """ValueError when something stands where the run writes: a folder (or device, pipe) in place
+    of one of its files, or a file in place of ``checkpoints/``. Nothing is changed."""
+    for name in _WRITES:
+        p = out / name
+        if (p.exists() or p.is_symlink()) and not p.is_file():
+            kind = "a folder" if p.is_dir() else "not a regular file"
+            raise ValueError(f"{p} is {kind}, where the run writes its {name}; the run folder is damaged "
+                             "(move it away, then try again)")
+    ck = out / "checkpoints"
+    if (ck.exists() or ck.is_symlink()) and not ck.is_dir():
+        raise ValueError(f"{ck} is not a folder, where the run keeps its checkpoints; the run folder is damaged "
+                         "(move it away, then try again)")
+
+
 @dataclass
 class Resume:
-    """What a run folder tells a resumed run: where to start and the log to keep (nothing written yet)."""
+    """What a run folder tells a run before anything is written: where to start and the log to
+    keep. ``complete``: the folder holds this very run finished (its last checkpoint is at
+    ``steps`` and ``summary.json`` is there, read into ``summary``): nothing is left to do."""
 
     step: int = 0
     checkpoint: Path | None = None
@@ -174,40 +230,49 @@ class Resume:
     meta: dict[str, Any] | None = None  # the run's meta.json, when readable
     time_lines: list[bytes] = field(default_factory=list)  # kept lines of times.jsonl
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # damaged checkpoints skipped, and why
-    kept_as: list[Path] = field(default_factory=list)  # where open_run moved them (NAME.damaged)
+    kept_as: list[Path] = field(default_factory=list)  # where RunFolder.start moved them (NAME.damaged)
+    complete: bool = False
+    summary: dict[str, Any] | None = None
 
 
-def plan_resume(out: Path, cfg: TrainConfig, header: dict[str, Any], model_like: Any, state_like: Any, *,
+def plan_resume(out: Path, cfg: RunConfig, header: dict[str, Any], model_like: Any, state_like: Any, *,
                 skip_damaged: bool = False) -> Resume:
     """Read and check everything a resume needs from ``out``; raise ValueError on any mismatch.
+
+    ``cfg`` is any :class:`gradsparse.config.RunConfig` (its class reads the stored config);
+    ``header`` is what the run's checkpoints carry besides config, step and loop: every key of it
+    must be equal in the checkpoint resumed from (data info and digest of a training run, kind
+    and model of a relufication run).
 
     - no ``config.json``: nothing was started (or the run was killed before writing anything),
       so the run starts from step 0 — unless other run files are there (:data:`RUN_FILES`),
       which means the folder is damaged;
-    - ``config.json`` must be resumable as ``cfg`` (:func:`gradsparse.config.check_resumable`);
+    - ``config.json`` must be resumable as ``cfg`` (:meth:`gradsparse.config.RunConfig.check_resumable`);
     - no checkpoint yet: start from step 0 (the log is dropped);
     - else the latest checkpoint (step c) is read into the skeletons (header SHA-256, shapes,
       dtypes, length and SHA-256 checked), its header must describe the same config (up to
-      ``steps``), data info and data digest, and the log must hold exactly the lines the
-      checkpoint counted (same SHA-256): those with step < c that ``cfg`` logs are kept, any
-      later or partial line is dropped (``times.jsonl`` is cut back to the same steps).
+      ``steps``) and ``header``, and the log must hold exactly the lines the checkpoint counted
+      (same SHA-256): those with step < c that ``cfg`` logs are kept, any later or partial line
+      is dropped (``times.jsonl`` is cut back to the same steps; its damaged lines are dropped).
 
-    A damaged latest checkpoint (:class:`gradsparse.checkpoint.CheckpointDamaged`) is refused
+    A damaged latest checkpoint (:class:`gradsparse.errors.CheckpointDamaged`) is refused
     with a message naming it and the newest intact earlier checkpoint; with ``skip_damaged``
     the resume starts from that one instead (``Resume.skipped`` lists what was skipped and
-    why; :func:`open_run` keeps those files as ``*.damaged``) and the log is cut back to it.
+    why; :meth:`RunFolder.start` keeps those files as ``*.damaged``) and the log is cut back to it.
     Any other mismatch (another config, other data) is refused whatever ``skip_damaged`` says.
+    A run whose latest checkpoint is at ``cfg.steps`` and that wrote its ``summary.json`` is
+    ``complete``.
     """
     check_bool("skip_damaged", skip_damaged)
     res = Resume()
-    stored = stored_config(out)
+    stored = stored_config(out, type(cfg))
     if stored is None:
         found = [n for n in run_contents(out) if n != "config.json"]
         if found:
             raise ValueError(f"{out} holds {', '.join(found)} but no config.json; the run folder is damaged and "
                              "cannot be resumed (--overwrite replaces it)")
         return res
-    check_resumable(stored, cfg, f"the run in {out} (config.json)")
+    cfg.check_resumable(stored, f"the run in {out} (config.json)")
     meta_path = out / "meta.json"
     if meta_path.exists():
         meta = _read_json_file(meta_path, "the run's metadata")
@@ -234,10 +299,15 @@ def plan_resume(out: Path, cfg: TrainConfig, header: dict[str, Any], model_like:
     res.elapsed_s = float(elapsed) if isinstance(elapsed, (int, float)) and math.isfinite(elapsed) else 0.0
     res.log_lines, res.records = resume_log(out / "log.jsonl", loop, step, cfg)
     res.time_lines = resume_times(out / "times.jsonl", [r["step"] for r in res.records])
+    summary = out / "summary.json"
+    if step == cfg.steps and not res.skipped and summary.is_file() and stored.steps == cfg.steps:
+        done = _read_json_file(summary, "the run's summary")
+        if isinstance(done, dict):
+            res.complete, res.summary = True, done
     return res
 
 
-def _read_resumable(path: Path, step: int, cfg: TrainConfig, header: dict[str, Any], model_like: Any,
+def _read_resumable(path: Path, step: int, cfg: RunConfig, header: dict[str, Any], model_like: Any,
                     state_like: Any) -> tuple[dict[str, Any], Any, Any]:
     """(header, model, state) of checkpoint ``path`` (named ``step``) for resuming ``cfg``.
 
@@ -247,23 +317,22 @@ def _read_resumable(path: Path, step: int, cfg: TrainConfig, header: dict[str, A
         raise CheckpointDamaged(f"checkpoint {path} is damaged or renamed: its header says step {h.get('step')!r}, "
                                 f"its name says {step}")
     try:
-        ck_cfg = TrainConfig.from_dict(h.get("config"))
+        ck_cfg = type(cfg).from_dict(h.get("config"))
     except (ValueError, TypeError) as e:
         raise ValueError(f"checkpoint {path}: its config is not valid ({e})") from None
-    check_resumable(ck_cfg, cfg, f"checkpoint {path}")
+    cfg.check_resumable(ck_cfg, f"checkpoint {path}")
     if step > cfg.steps:
         raise ValueError(f"checkpoint {path} is at step {step}, beyond steps {cfg.steps}")
-    for key in ("data_info", "data_sha256"):
-        if key in h or key in header:
-            if _json_norm(h.get(key)) != _json_norm(header.get(key)):
-                what = {"data_info": "data shape", "data_sha256": "data"}[key]
-                raise ValueError(f"checkpoint {path}: the {what} it was trained with differs from this run's "
-                                 f"({key} {h.get(key)!r} vs {header.get(key)!r}); resume with the same data and model")
+    for key in header:
+        if key != "config" and _json_norm(h.get(key)) != _json_norm(header.get(key)):
+            what = _WHAT.get(key, key)
+            raise ValueError(f"checkpoint {path}: the {what} it was trained with differs from this run's "
+                             f"({key} {h.get(key)!r} vs {header.get(key)!r}); resume with the same data and model")
     model, state, _ = read_leaves(path, model_like, state_like)
     return h, model, state
 
 
-def _offer(earlier: list[tuple[int, Path]], cfg: TrainConfig, header: dict[str, Any], model_like: Any,
+def _offer(earlier: list[tuple[int, Path]], cfg: RunConfig, header: dict[str, Any], model_like: Any,
            state_like: Any) -> str:
     """What to say after a damaged checkpoint: the newest intact one among ``earlier``, if any."""
     for step, path in reversed(earlier):
@@ -365,23 +434,40 @@ def remove_temp_files(out: Path) -> None:
                     p.unlink(missing_ok=True)
 
 
+class _FolderLock:
+    """An exclusive ``flock`` held on the run folder's own descriptor (no lock file is written)."""
+
+    def __init__(self, fd: int):
+        self.fd: int | None = fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)  # closing the descriptor releases the lock
+
+
 def lock_run_folder(out: Path):
-    """Hold an exclusive lock on ``out/.lock`` (released when the process ends, even when killed).
+    """Hold an exclusive lock on the folder ``out`` itself (released when the process ends, even
+    when killed); nothing is written into the folder for it.
 
     Two processes writing one run folder would interleave their logs; the second one gets
-    ValueError. Returns the open lock file (keep it open), or None where locks are unsupported.
+    ValueError. Returns the lock (keep it; ``close()`` releases it), or None where locks are
+    unsupported.
     """
     if fcntl is None:  # pragma: no cover - not POSIX
         return None
-    f = open(out / ".lock", "a+b")
     try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError as e:
-        f.close()
+        raise with_target(e, out) from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise ValueError(f"run folder {out} is in use by another gradsparse process") from None
-        raise with_target(e, out / ".lock") from e
-    return f
+        raise with_target(e, out) from e
+    return _FolderLock(fd)
 
 
 class JsonlAppender:
@@ -532,18 +618,101 @@ def _keep_damaged(path: Path) -> Path:
     return dst
 
 
-def open_run(out: Path, cfg: TrainConfig, header: dict[str, Any], plan: Resume) -> LogWriter:
-    """Write the start of a run into ``out`` (locked): a fresh start (no checkpoint to resume)
-    removes the checkpoints, summary and covariance file an earlier run left (the commands allow
-    that only with ``--overwrite`` or for a ``--resume`` before the first checkpoint) and
-    writes config/meta; a resume keeps the checked log lines, renames the damaged checkpoints it
-    skipped to ``*.damaged`` and records the resume in ``meta.json``. Returns the log writer."""
-    out.mkdir(parents=True, exist_ok=True)
-    lock = lock_run_folder(out)
-    try:
+class RunFolder:
+    """One run folder, from open to finish: the only writer of a run's files.
+
+    ``RunFolder(out, resume=..., overwrite=..., skip_damaged=...)`` checks the flags only.
+    :meth:`open` takes the folder lock, then decides and checks (nothing written):
+
+    - ``resume``: :func:`plan_resume` (config, meta, checkpoint header and leaves, log, times)
+      and :func:`check_writable_layout`; a ``complete`` plan means there is nothing to do;
+    - a new run without ``overwrite``: the folder must be empty (:func:`check_out`), under the lock,
+      so a run that took the folder since this process looked is not replaced;
+    - ``overwrite``: a run in the folder is replaced (its checkpoints, summary and covariance file
+      go when :meth:`start` writes), other files are kept.
+
+    On ValueError nothing is left behind (a folder that :meth:`open` created is removed again).
+    :meth:`start` then writes the run's start (config, meta, the kept log); :meth:`write`,
+    :meth:`checkpoint`, :meth:`finish` and :meth:`close` follow. The lock is held until
+    :meth:`close`, the summary included.
+    """
+
+    def __init__(self, out: str | os.PathLike, *, resume: bool = False, overwrite: bool | None = None,
+                 skip_damaged: bool = False):
+        check_bool("resume", resume)
+        check_bool("skip_damaged", skip_damaged)
+        if overwrite is None:
+            overwrite = not resume
+        check_bool("overwrite", overwrite)
+        if resume and overwrite:
+            raise ValueError("resume=True and overwrite=True exclude each other: a resume continues the run in the "
+                             "folder, overwrite replaces it")
+        if skip_damaged and not resume:
+            raise ValueError("skip_damaged=True applies to a resume only (resume=True)")
+        self.out = Path(out)
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"run folder {self.out} exists and is not a folder")
+        self.resume, self.overwrite, self.skip_damaged = resume, overwrite, skip_damaged
+        self.lock: Any = None
+        self.log: LogWriter | None = None
+        self.plan: Resume | None = None
+        self._start: tuple[RunConfig, dict[str, Any], dict[str, Any]] | None = None
+
+    # ------------------------------------------------------------------ reading
+    def stored_config(self, cls: type[RunConfig] = TrainConfig) -> RunConfig | None:
+        """The folder's config.json read as ``cls`` (None when there is none): a read before the lock,
+        to pick the config of a resume; :meth:`open` checks it again under the lock."""
+        return stored_config(self.out, cls)
+
+    def open(self, cfg: RunConfig, header: dict[str, Any], model_like: Any, state_like: Any, *,
+             meta: dict[str, Any] | None = None) -> Resume:
+        """Lock the folder, then decide and check everything (see the class docstring); nothing is
+        written. ``header``: what every checkpoint carries besides config, step and loop; ``meta``:
+        what ``meta.json`` records besides versions, seed and git revision. Returns the plan."""
+        created = not self.out.exists()
+        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.lock = lock_run_folder(self.out)
+            if self.resume:
+                plan = plan_resume(self.out, cfg, header, model_like, state_like, skip_damaged=self.skip_damaged)
+            else:
+                if not self.overwrite:
+                    check_out(self.out)
+                plan = Resume()
+            check_writable_layout(self.out)
+        except BaseException:
+            self._release(created)
+            raise
+        if plan.complete:
+            self._release(False)
+        self.plan, self._start = plan, (cfg, header, dict(meta or {}))
+        return plan
+
+    def _release(self, created: bool) -> None:
+        """Give the lock back; remove the folder again when :meth:`open` created it and it holds nothing."""
+        try:
+            if created and not any(True for _ in self.out.iterdir()):
+                self.out.rmdir()
+        except OSError:
+            pass
+        finally:
+            if self.lock is not None:
+                self.lock.close()
+                self.lock = None
+
+    # ------------------------------------------------------------------ writing
+    def start(self) -> Resume:
+        """Write the start of the opened run: a fresh start (no checkpoint to resume) removes the
+        checkpoints, summary and covariance file an earlier run left and writes config and meta; a
+        resume keeps the checked log lines, renames the damaged checkpoints it skipped to
+        ``*.damaged`` and records the resume in ``meta.json``. Returns the plan."""
+        if self._start is None or self.plan is None or self.plan.complete:
+            raise ValueError("RunFolder.start: open() the folder first (and not for a complete run)")
+        cfg, header, extra = self._start
+        out, plan = self.out, self.plan
         remove_temp_files(out)
         meta_now = {"versions": versions(), "seed": cfg.seed, "git_revision": git_revision(),
-                    "git_dirty": git_dirty(), "data_info": header["data_info"], "data_sha256": header["data_sha256"]}
+                    "git_dirty": git_dirty(), **extra}
         (out / "summary.json").unlink(missing_ok=True)
         atomic_write_json(out / "config.json", cfg.to_dict())
         if plan.checkpoint is None:  # fresh start (also: resumed before the first checkpoint)
@@ -551,7 +720,8 @@ def open_run(out: Path, cfg: TrainConfig, header: dict[str, Any], plan: Resume) 
                 p.unlink(missing_ok=True)
             (out / "covariance.npz").unlink(missing_ok=True)
             atomic_write_json(out / "meta.json", {**meta_now, "started": time.time()})
-            return LogWriter(out / "log.jsonl", [], lock, out / "times.jsonl", [])
+            self.log = LogWriter(out / "log.jsonl", [], None, out / "times.jsonl", [])
+            return plan
         plan.kept_as = [_keep_damaged(p) for p, _ in plan.skipped]
         meta = dict(plan.meta) if plan.meta is not None else dict(meta_now)
         entry = {"from_step": plan.step, "steps": cfg.steps, "time": time.time(), **meta_now}
@@ -560,8 +730,35 @@ def open_run(out: Path, cfg: TrainConfig, header: dict[str, Any], plan: Resume) 
                                         for (p, why), k in zip(plan.skipped, plan.kept_as)]
         meta["resumes"] = list(meta.get("resumes") or []) + [entry]
         atomic_write_json(out / "meta.json", meta)
-        return LogWriter(out / "log.jsonl", plan.log_lines, lock, out / "times.jsonl", plan.time_lines)
-    except BaseException:
-        if lock is not None:
-            lock.close()
-        raise
+        self.log = LogWriter(out / "log.jsonl", plan.log_lines, None, out / "times.jsonl", plan.time_lines)
+        return plan
+
+    def write(self, rec: dict[str, Any], time: float | None = None) -> None:
+        """Append ``rec`` to the log (and its time to times.jsonl)."""
+        self.log.write(rec, time=time)
+
+    def checkpoint(self, step: int, model: Any, state: Any, elapsed_s: float) -> Path:
+        """``checkpoints/step_{step}`` with the run's header and the log position (:meth:`LogWriter.checkpoint`)."""
+        return self.log.checkpoint(self.out, step, model, state, self._start[1], elapsed_s)
+
+    def close_log(self) -> None:
+        """Close the log files (cutting back a half-written line); the lock stays held."""
+        if self.log is not None:
+            self.log.close()
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Write ``summary.json`` (the run is complete), still under the lock."""
+        atomic_write_json(self.out / "summary.json", summary)
+
+    def close(self) -> None:
+        """Close the log and give the lock back."""
+        try:
+            self.close_log()
+        finally:
+            self._release(False)
+
+    def __enter__(self) -> "RunFolder":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -38,11 +38,10 @@ from gradsparse.errors import TrainingDiverged, TrainingInterrupted  # noqa: F40
 from gradsparse.data import (LABEL_NOISE_TAG, Batcher, DataInfo, Dataset, data_sha256, heldout_batch, load_dataset,
                              noisy_labels, noisy_labels_device)
 from gradsparse.factory import Built, RunKeys, build, init_state, make_accumulator, make_optimizer, make_schedule
-from gradsparse.io import atomic_write_json
 from gradsparse.memory import check_fits
 from gradsparse.monitors import summarize
 from gradsparse.parallel import DataParallel
-from gradsparse.runfolder import Resume, logged, open_run, plan_resume, stored_config
+from gradsparse.runfolder import Resume, RunFolder, logged
 from gradsparse.step import final_eval, flatness_fn, locate_nonfinite, make_eval_fn, make_train_chunk, make_train_step
 
 
@@ -59,6 +58,8 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, Any] = field(default_factory=dict)
     tracks_covariance: bool = False
+    #: True when ``train(..., resume=True)`` found the run finished: nothing was trained or written
+    already_complete: bool = False
 
     @property
     def opt_state(self) -> Any:
@@ -72,7 +73,7 @@ def _fmt(v: float) -> str:
 @dataclass
 class Prepared:
     """Everything one run needs before anything is written (:func:`prepare`): data, keys, model,
-    optimizer and its state (resumed when a plan says so), batches, header and resume plan."""
+    optimizer and its fresh state, batches and the header of the run folder."""
 
     cfg: TrainConfig
     out: Path | None
@@ -90,7 +91,6 @@ class Prepared:
     fixed: tuple[Any, Any] | None
     label_key: Any
     header: dict[str, Any]
-    plan: Resume
 
     def batch(self, t: int) -> tuple[Any, Any]:
         """The training batch of step ``t`` (host arrays), with the run's label noise."""
@@ -111,11 +111,11 @@ class Prepared:
 
 
 def prepare(cfg: TrainConfig, out: Path | None, dataset: Dataset | None, start: Built | None, *,
-            resume: bool = False, skip_damaged: bool = False, devices: int | None = None) -> Prepared:
+            devices: int | None = None) -> Prepared:
     """The setup of one run of ``cfg`` (validated; nothing written): the dataset (``dataset`` or
     ``load_dataset``), :class:`RunKeys` of the seed, data parallelism, the memory check, the model
     (``start`` or :func:`build`), optimizer state, training batcher, held-out batch (SPEC 2), the
-    fixed flatness subset, the header of the run folder and the resume plan. ``devices`` overrides
+    fixed flatness subset and the header of the run folder. ``devices`` overrides
     the device count the memory check assumes (default: that of the data parallelism)."""
     ds = dataset if dataset is not None else load_dataset(cfg.data, seed=cfg.seed, path=cfg.data_path,
                                                           n_train=cfg.n_train, n_test=cfg.n_test)
@@ -141,11 +141,8 @@ def prepare(cfg: TrainConfig, out: Path | None, dataset: Dataset | None, start: 
     header = {"config": cfg.to_dict(), "data_info": info.to_dict()}
     if out is not None:
         header["data_sha256"] = data_sha256(ds)
-    plan = plan_resume(out, cfg, header, model, state, skip_damaged=skip_damaged) if resume else Resume()
-    if plan.checkpoint is not None:
-        model, state = plan.model, plan.state
     return Prepared(cfg, out, ds, info, keys, dp, built, optimizer, acc, model, state, batcher, heldout, fixed,
-                    label_key, header, plan)
+                    label_key, header)
 
 
 def flat_step(s: int, cfg: TrainConfig) -> bool:
@@ -209,7 +206,7 @@ def record(cfg: TrainConfig, s: int, lr: float, metrics: dict[str, Any], ev: dic
 def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset: Dataset | None = None,
           start: Built | None = None, progress: bool = True,
           on_log: Callable[[dict[str, Any]], None] | None = None, resume: bool = False,
-          skip_damaged: bool = False) -> RunResult:
+          skip_damaged: bool = False, overwrite: bool | None = None) -> RunResult:
     """Train ``cfg`` and write the run folder (when ``out_dir`` is given).
 
     The model, trainable mask and projections come from :func:`gradsparse.factory.build`, or from
@@ -244,21 +241,29 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise ValueError("resume=True needs out_dir, the run folder to continue")
+    folder = RunFolder(out, resume=resume, overwrite=overwrite, skip_damaged=skip_damaged) if out is not None else None
     if skip_damaged and not resume:
         raise ValueError("skip_damaged=True applies to a resume only (resume=True)")
-    if out is not None and out.exists() and not out.is_dir():
-        raise ValueError(f"run folder {out} exists and is not a folder")
     if start is not None and not isinstance(start, Built):
         raise ValueError(f"start: got {type(start).__name__}; allowed: a gradsparse.factory.Built")
     if resume and start is None:
-        stored = stored_config(out)
+        stored = folder.stored_config()
         if stored is not None and stored.surgery:
             raise ValueError(f"{out} holds a finetuning run (its config.json records surgery); use "
                              "gradsparse finetune --resume with the arguments it was started with")
-    run = prepare(cfg, out, dataset, start, resume=resume, skip_damaged=skip_damaged)
+    run = prepare(cfg, out, dataset, start)
     ds, keys, dp, built, trainable = run.ds, run.keys, run.dp, run.built, run.built.trainable
-    optimizer, acc, fixed, header, plan = run.optimizer, run.acc, run.fixed, run.header, run.plan
-    model, state, (xe, ye), first = run.model, run.state, run.heldout, plan.step
+    optimizer, acc, fixed, header = run.optimizer, run.acc, run.fixed, run.header
+    model, state, (xe, ye) = run.model, run.state, run.heldout
+    plan = Resume()
+    if folder is not None:
+        plan = folder.open(cfg, header, model, state, meta={k: header[k] for k in ("data_info", "data_sha256")})
+    if plan.complete:
+        return RunResult(plan.model, plan.state, out, list(plan.records), dict(plan.summary), acc is not None,
+                         already_complete=True)
+    if plan.checkpoint is not None:
+        model, state = plan.model, plan.state
+    first = plan.step
 
     model, state = dp.replicate(model), dp.replicate(state)
     xe, ye = dp.put_batch(xe), dp.put_batch(ye)
@@ -273,7 +278,13 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
     sched = make_schedule(cfg)
 
     # ------------------------------------------------------------ writing starts here
-    log = open_run(out, cfg, header, plan) if out is not None else None
+    log = folder
+    if folder is not None:
+        try:
+            folder.start()
+        except BaseException:
+            folder.close()
+            raise
     for (path, why), kept in zip(plan.skipped, plan.kept_as):
         print(f"gradsparse: resuming from {plan.checkpoint} (step {plan.step}); skipped {path.name}: {why} "
               f"(kept as {kept.name})", file=sys.stderr)
@@ -288,7 +299,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
     def save(step: int, m: Any, st: Any) -> Path | None:
         if out is None:
             return None
-        return log.checkpoint(out, step, m, st, header, time.time() - t0)
+        return log.checkpoint(step, m, st, time.time() - t0)
 
     def interrupted() -> TrainingInterrupted:
         """Save the state after the last completed update (unless it is saved already or none was done)."""
@@ -346,6 +357,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
         raise TrainingDiverged(bad, locate_nonfinite(m, trainable, jnp.asarray(x), jnp.asarray(y),
                                                      jax.random.fold_in(keys.noise, bad)), last_ckpt)
 
+    finished = False
     pending: list[tuple[int, int, Any]] = []  # (step, chunk length or 0 for one step, finite flag / bad step)
     seg = cur  # the last state whose steps are all checked finite
     try:
@@ -394,20 +406,26 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
         settle()
         last_ckpt = save(cfg.steps, model, state)
         last_step = cfg.steps
+        finished = True
     except KeyboardInterrupt:
         raise interrupted() from None
     finally:
         bar.close()
-        if log is not None:
+        if log is not None and not finished:
             log.close()
+        if log is not None:
+            log.close_log()
     try:
-        return finish_run(cfg, out, ds, keys, model, state, acc, history, t0)
+        return finish_run(cfg, folder, ds, keys, model, state, acc, history, t0)
     except KeyboardInterrupt:
         raise TrainingInterrupted(cfg.steps, cfg.steps, last_ckpt, out is not None, out) from None
+    finally:
+        if folder is not None:
+            folder.close()
 
 
-def finish_run(cfg: TrainConfig, out: Path | None, ds: Dataset, keys: RunKeys, model: Any, state: Any, acc: Any,
-            history: list[dict[str, Any]], t0: float, extra: dict[str, Any] | None = None) -> RunResult:
+def finish_run(cfg: TrainConfig, folder: RunFolder | None, ds: Dataset, keys: RunKeys, model: Any, state: Any,
+               acc: Any, history: list[dict[str, Any]], t0: float, extra: dict[str, Any] | None = None) -> RunResult:
     """The final evaluation, ``summary.json`` (and ``covariance.npz``) of a completed run;
     ``extra`` is added to the summary."""
     final = final_eval(model, ds, cfg.seq_len, keys.heldout)
@@ -418,8 +436,8 @@ def finish_run(cfg: TrainConfig, out: Path | None, ds: Dataset, keys: RunKeys, m
         final["density_start"] = history[0]["train/density/mean"]
         final["density_end"] = history[-1]["train/density/mean"]
         final["heldout_density_end"] = history[-1]["heldout/density/mean"]
-    if out is not None:
+    if folder is not None:
         if acc is not None:
-            covariance.save(out / "covariance.npz", acc, state[1], cfg.batch_size, cfg.steps)
-        atomic_write_json(out / "summary.json", final)
-    return RunResult(model, state, out, history, final, acc is not None)
+            covariance.save(folder.out / "covariance.npz", acc, state[1], cfg.batch_size, cfg.steps)
+        folder.finish(final)
+    return RunResult(model, state, folder.out if folder is not None else None, history, final, acc is not None)

@@ -42,7 +42,7 @@ from gradsparse.config import TrainConfig
 from gradsparse.data import Dataset
 from gradsparse.factory import make_schedule
 from gradsparse.memory import available_memory, estimate, fmt_bytes
-from gradsparse.runfolder import open_run
+from gradsparse.runfolder import RunFolder
 from gradsparse.step import flatness_fn, make_eval_fn, make_train_chunk, make_train_step
 from gradsparse.errors import TrainingInterrupted
 from gradsparse.train import (RunResult, finish_run, flat_step, prepare, record, step_plan,
@@ -203,14 +203,27 @@ def _train_group(cfgs: list[TrainConfig], runs: list[Any], progress: bool) -> li
     def model_of(d: Any, i: int) -> Any:
         return eqx.combine(_pick(d, i), static)
 
-    logs = [open_run(r.out, c, r.header, r.plan) if r.out is not None else None for r, c in zip(runs, cfgs)]
+    logs = [RunFolder(r.out) if r.out is not None else None for r in runs]
+    opened = []
+    try:
+        for r, c, log in zip(runs, cfgs, logs):
+            if log is not None:
+                log.open(c, r.header, r.model, r.state, meta={k: r.header[k] for k in ("data_info", "data_sha256")})
+                opened.append(log)
+        for log in opened:
+            log.start()
+    except BaseException:
+        for log in opened:
+            log.close()
+        raise
     histories: list[list[dict[str, Any]]] = [[] for _ in runs]
     ckpts: list[Path | None] = [None] * S
     t0 = time.time()
     bar = tqdm(total=cfg.steps, disable=not progress, mininterval=0.5, dynamic_ncols=True, leave=False,
                desc=f"train {S} seeds")
     pending: list[Any] = []  # per plain call: (S,) finite flags, or (S,) bad steps of a chunk (-1: fine)
-    checked = cur = (0, dyn, state)  # (updates done, stacked model arrays, stacked state), replaced whole
+    checked = cur = (0, dyn, state)
+    finished = False  # (updates done, stacked model arrays, stacked state), replaced whole
 
     def settle() -> None:
         nonlocal checked
@@ -224,7 +237,7 @@ def _train_group(cfgs: list[TrainConfig], runs: list[Any], progress: bool) -> li
     def save_all(step: int, d: Any, st: Any) -> None:
         for i, (r, log) in enumerate(zip(runs, logs)):
             if log is not None:
-                ckpts[i] = log.checkpoint(r.out, step, model_of(d, i), _pick(st, i), r.header, time.time() - t0)
+                ckpts[i] = log.checkpoint(step, model_of(d, i), _pick(st, i), time.time() - t0)
 
     try:
         try:
@@ -275,6 +288,7 @@ def _train_group(cfgs: list[TrainConfig], runs: list[Any], progress: bool) -> li
                 bar.update(n)
             settle()
             save_all(cfg.steps, dyn, state)
+            finished = True
         except KeyboardInterrupt:
             done, d, st = checked
             saved = False
@@ -284,12 +298,12 @@ def _train_group(cfgs: list[TrainConfig], runs: list[Any], progress: bool) -> li
             raise TrainingInterrupted(done, cfg.steps, ckpts[0], saved, runs[0].out) from None
     finally:
         bar.close()
-        for log in logs:
-            if log is not None:
-                log.close()
-    results = []
-    for i, (c, r) in enumerate(zip(cfgs, runs)):
-        res = finish_run(c, r.out, r.ds, r.keys, model_of(dyn, i), _pick(state, i), acc, histories[i], t0,
-                      extra={SEEDS_KEY: [cc.seed for cc in cfgs]})
-        results.append(res)
-    return results
+        for log in opened:
+            log.close_log() if finished else log.close()
+    try:
+        return [finish_run(c, log, r.ds, r.keys, model_of(dyn, i), _pick(state, i), acc, histories[i], t0,
+                           extra={SEEDS_KEY: [cc.seed for cc in cfgs]})
+                for i, (c, r, log) in enumerate(zip(cfgs, runs, logs))]
+    finally:
+        for log in opened:
+            log.close()

@@ -156,12 +156,12 @@ def test_run_log_summary_resume_after_interrupt_and_changed_weights(tmp_path, ca
     sb = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert sb["after"] == s["after"]
     assert len(json.loads((tmp_path / "b" / "meta.json").read_text())["resumes"]) == 1
-    # the same run through the CLI resumes (nothing left to do) until the weights change
+    # the same run through the CLI: already complete (nothing touched) until the weights change
     args = ["finetune", str(tiny), "--activation", "mix", "--modules", "zeroth_bias,restricted_ln", "--distill",
             "--steps", "4", "--out", str(tmp_path / "b"), "--batch-size", "4", "--seq-len", str(MAX_LEN),
             "--log-every", "2", "--lr", "1e-3", "--t-mix", "3", "--t-up", "3", "--quiet", "--resume"]
     assert main(args) == 0
-    assert "relufied" in capsys.readouterr().out
+    assert "already complete" in capsys.readouterr().out
     assert (tmp_path / "a" / "log.jsonl").read_bytes() == (tmp_path / "b" / "log.jsonl").read_bytes()
     write_tiny_bert(tiny, seed=1)  # other weights in the same folder
     assert main(args) == 2
@@ -211,7 +211,7 @@ def test_config_round_trip_and_validation(tiny):
                      ({"activation": "gelu"}, "activation"), ({"weights_sha256": "abc"}, "weights_sha256")]:
         with pytest.raises(ValueError, match=msg):
             cfg.replace(**bad)
-    with pytest.raises(ValueError, match="unknown field"):
+    with pytest.raises(ValueError, match="unknown config keys"):
         DistillConfig.from_dict({**cfg.to_dict(), "extra": 1})
 
 

@@ -37,7 +37,7 @@ from gradsparse.factory import RunKeys, finetune_start
 from gradsparse.plugins.sparsify import MODULE_NAMES
 from gradsparse.relufy import relufy
 from gradsparse.relufy_config import DISTILL_ACTIVATIONS, DISTILL_MODULES, DistillConfig
-from gradsparse.runfolder import refuse_existing_run, run_contents, stored_config
+from gradsparse.runfolder import check_out, run_contents, stored_config
 from gradsparse.step import final_eval
 from gradsparse.train import train
 
@@ -179,10 +179,8 @@ def run_hf(args: argparse.Namespace) -> int:
     for name, default in (("warmup", 0), ("lora_alpha", None), ("zeroth_bias_placement", "input")):
         if getattr(args, name) != default:
             raise ValueError(f"{_flag(name)} applies to a gradsparse checkpoint only, not to a Hugging Face folder")
-    if args.skip_damaged:
-        raise ValueError("--skip-damaged applies to a gradsparse checkpoint only, not to a Hugging Face folder")
     out: Path = args.out
-    check_run_out(out, resume=args.resume, overwrite=args.overwrite)
+    check_run_out(out, resume=args.resume, overwrite=args.overwrite, skip_damaged=args.skip_damaged)
     folder = args.checkpoint.resolve()
     if out.resolve() == folder or out.resolve().is_relative_to(folder):
         raise ValueError(f"--out {out} lies inside the model folder {folder}; choose a folder outside it")
@@ -197,8 +195,12 @@ def run_hf(args: argparse.Namespace) -> int:
         field, _, rest = str(e).partition(":")
         raise ValueError(f"{_flag(field)}:{rest}" if field in fields else str(e)) from None
     if not (args.overwrite or args.resume):
-        refuse_existing_run(out)
-    res = relufy(cfg, out, resume=args.resume, progress=not args.quiet and sys.stderr.isatty())
+        check_out(out)  # early, before the model is read; the run folder checks again once it holds the lock
+    res = relufy(cfg, out, resume=args.resume, progress=not args.quiet and sys.stderr.isatty(),
+                 overwrite=args.overwrite, skip_damaged=args.skip_damaged)
+    if res.already_complete:
+        print(f"{out}: the run is already complete ({cfg.steps} steps); nothing to do")
+        return 0
     b, a = res.summary["before"], res.summary["after"]
     print(f"relufied {folder} ({cfg.activation}, modules [{', '.join(mods) or 'none'}], {cfg.steps} steps): "
           f"density {b['teacher_positive_fraction/mean']:.4f} (GELU, positive) / {b['density/mean']:.4f} (relufied) "
@@ -223,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt = resolve(args.checkpoint)
     refuse_out_in_source(out, ckpt)
     if not (args.overwrite or args.resume):
-        refuse_existing_run(out)
+        check_out(out)  # early, before the checkpoint is read; the run folder checks again once it holds the lock
     if args.resume:
         stored = stored_config(out)
         if stored is not None and not stored.surgery:
@@ -251,7 +253,10 @@ def run(args: argparse.Namespace) -> int:
                       n_test=ft_cfg.n_test)
     before = final_eval(built.model, ds, ft_cfg.seq_len, RunKeys.of(ft_cfg.seed).heldout)
     run_res = train(ft_cfg, out, dataset=ds, start=built, progress=not args.quiet and sys.stderr.isatty(),
-                    resume=args.resume, skip_damaged=args.skip_damaged)
+                    resume=args.resume, skip_damaged=args.skip_damaged, overwrite=args.overwrite)
+    if run_res.already_complete:
+        print(f"{out}: the run is already complete ({ft_cfg.steps} steps); nothing to do")
+        return 0
     f = run_res.final
     print(f"finetuned {ckpt} with modules [{', '.join(mods) or 'none'}]: {run_summary(f, ft_cfg.steps)}; "
           f"test accuracy {before['test_accuracy']:.3f} -> {f['test_accuracy']:.3f}; run folder {out}")

@@ -10,7 +10,9 @@ wrote anything) is started from step 0 with the config the flags give, so the sa
 plus ``--resume`` can simply be repeated until the run completes. A damaged latest checkpoint is
 refused with the name of the newest intact one; ``--resume --skip-damaged`` continues from it.
 
-A folder that holds (part of) a run is never replaced without ``--overwrite``. Ctrl-C saves a
+A folder that holds (part of) a run, or any other files, is never written into without
+``--overwrite`` (which replaces a run there and keeps other files). ``--resume`` on a finished run
+says so and changes nothing. Ctrl-C saves a
 checkpoint at the current step when it can and prints the ``--resume`` command (exit 130).
 
 Exit codes: 0 done; 2 bad input, a path that cannot be written, a config that does not fit in
@@ -31,7 +33,7 @@ from gradsparse.commands import check_run_out, path_arg
 from gradsparse.config import MODELS, NOISE_KINDS, OPTIMIZERS, SCHEDULES, TrainConfig, check_resumable
 from gradsparse import data
 from gradsparse.data import DATASETS
-from gradsparse.runfolder import refuse_existing_run, stored_config
+from gradsparse.runfolder import check_out, stored_config
 from gradsparse.train import train
 
 # CLI flag -> config field, for the plain scalar options
@@ -162,10 +164,13 @@ def run(args: argparse.Namespace) -> int:
     check_run_out(out, resume=args.resume, overwrite=args.overwrite, skip_damaged=args.skip_damaged)
     cfg = (resume_config(args, out) if args.resume else None) or config_from_args(args)
     if not (args.overwrite or args.resume):
-        refuse_existing_run(out)
+        check_out(out)  # early, before the data are read; the run folder checks again once it holds the lock
     ds = data.load_dataset(cfg.data, seed=cfg.seed, path=cfg.data_path, n_train=cfg.n_train, n_test=cfg.n_test)
     res = train(cfg, out, dataset=ds, progress=not args.quiet and sys.stderr.isatty(), resume=args.resume,
-                skip_damaged=args.skip_damaged)
+                skip_damaged=args.skip_damaged, overwrite=args.overwrite)
+    if res.already_complete:
+        print(f"{out}: the run is already complete ({cfg.steps} steps); nothing to do")
+        return 0
     f = res.final
     print(f"trained {cfg.model} on {cfg.data}: {run_summary(f, cfg.steps)}; test accuracy {f['test_accuracy']:.3f}; "
           f"run folder {out}")
