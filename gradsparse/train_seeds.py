@@ -26,8 +26,8 @@ step and the block exactly as it always does.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,27 +35,22 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from gradsparse import covariance
 from gradsparse.config import TrainConfig
 from gradsparse.data import Dataset
+from gradsparse.errors import TrainingDiverged
 from gradsparse.factory import make_schedule
+from gradsparse.loop import Loop
 from gradsparse.memory import available_memory, estimate, fmt_bytes
 from gradsparse.runfolder import RunFolder
-from gradsparse.step import flatness_fn, make_eval_fn, make_train_chunk, make_train_step
-from gradsparse.errors import TrainingInterrupted
-from gradsparse.train import (RunResult, finish_run, flat_step, prepare, record, step_plan,
-                              train)
+from gradsparse.step import CROSS_ENTROPY, flatness_fn, make_eval_fn, make_train_chunk, make_train_step
+from gradsparse.train import Prepared, RunResult, finish_run, flat_step, prepare, record, train
 
 #: the key of ``summary.json`` (and ``RunResult.final``) naming the seeds trained together
 SEEDS_KEY = "trained_with_seeds"
 #: CPU widths up to which vmapping seeds measured faster (bench_fused, 2 cores): MLP, Transformers
 CPU_MAX_WIDTH = {"mlp": 64, "lm": 32, "vit": 32}
-
-
-class _Diverged(Exception):
-    """Internal: some seed's loss or gradient was not finite (the group is retrained one by one)."""
 
 
 def worth_vmapping(cfg: TrainConfig, backend: str | None = None) -> bool:
@@ -143,167 +138,129 @@ def train_seeds(cfgs: Sequence[TrainConfig], out_dirs: Sequence[str | os.PathLik
                          f"{fmt_bytes(limit)} of {what}; train fewer seeds together")
     try:
         return _train_group(cfgs, runs, progress)
-    except _Diverged:
+    except TrainingDiverged:  # some seed diverged: one at a time, which names the step and block
         return [train(c, o, dataset=r.ds, progress=progress) for c, o, r in zip(cfgs, outs, runs)]
 
 
-def _train_group(cfgs: list[TrainConfig], runs: list[Any], progress: bool) -> list[RunResult]:
-    cfg, first = cfgs[0], runs[0]
-    S = len(runs)
-    trainable, projections, acc = first.built.trainable, first.built.projections, first.acc
-    static = eqx.partition(first.model, eqx.is_array)[1]
-    dyn = _stack([eqx.filter(r.model, eqx.is_array) for r in runs])
-    state = _stack([r.state for r in runs])
-    noise_keys = jnp.stack([r.keys.noise for r in runs])
-    flat_keys = jnp.stack([r.keys.flatness for r in runs])
-    xe, ye = (jnp.asarray(np.stack([r.heldout[i] for r in runs])) for i in (0, 1))
-    fixed = None
-    if first.fixed is not None:
-        fixed = tuple(jnp.asarray(np.stack([np.asarray(r.fixed[i]) for r in runs])) for i in (0, 1))
+class _SeedsTask:
+    """The S runs of a seed group as ONE task of the loop engine: every call vmapped over the seeds."""
 
-    step_mon = make_train_step(first.optimizer, trainable, projections, monitors=True, accumulator=acc)
-    step_plain = make_train_step(first.optimizer, trainable, projections, monitors=False, accumulator=acc)
-    chunk = make_train_chunk(first.optimizer, trainable, projections, accumulator=acc)
-    evaluate = make_eval_fn(trainable)
-    flat = flatness_fn(trainable, cfg.flatness_probes) if cfg.flatness_every else None
-    sched = make_schedule(cfg)  # the seeds' configs differ in the seed alone
-    arrays = lambda t: eqx.filter(t, eqx.is_array)  # noqa: E731
+    replay = False  # a NaN/inf in any seed: the group is retrained one seed at a time, which locates it
 
-    def over_seeds(fn: Any) -> Any:
+    def __init__(self, cfgs: list[TrainConfig], runs: list[Prepared]):
+        cfg, first = cfgs[0], runs[0]
+        self.cfgs, self.runs = cfgs, runs
+        trainable, projections, self.acc = first.built.trainable, first.built.projections, first.acc
+        self.static = eqx.partition(first.model, eqx.is_array)[1]
+        self.dyn = _stack([eqx.filter(r.model, eqx.is_array) for r in runs])
+        self.state = _stack([r.state for r in runs])
+        noise_keys = jnp.stack([r.keys.noise for r in runs])
+        flat_keys = jnp.stack([r.keys.flatness for r in runs])
+        self.heldout = tuple(jnp.asarray(np.stack([r.heldout[i] for r in runs])) for i in (0, 1))
+        self.fixed = None
+        if first.fixed is not None:
+            self.fixed = tuple(jnp.asarray(np.stack([np.asarray(r.fixed[i]) for r in runs])) for i in (0, 1))
+        step_mon = make_train_step(CROSS_ENTROPY, first.optimizer, trainable, projections, monitors=True,
+                                   accumulator=self.acc)
+        step_plain = make_train_step(CROSS_ENTROPY, first.optimizer, trainable, projections, monitors=False,
+                                     accumulator=self.acc)
+        chunk = make_train_chunk(CROSS_ENTROPY, first.optimizer, trainable, projections, accumulator=self.acc)
+        evaluate = make_eval_fn(trainable)
+        flat = flatness_fn(trainable, cfg.flatness_probes) if cfg.flatness_every else None
+        self.has_flat, self.sched = flat is not None, make_schedule(cfg)  # the configs differ in the seed alone
+        static = self.static
+        arrays = lambda t: eqx.filter(t, eqx.is_array)  # noqa: E731
+
+        def over_seeds(fn: Any) -> Any:
+            @jax.jit
+            def v(d, st, x, y, s):
+                def one(d, st, x, y, k):
+                    m, st2, met, fin = fn(eqx.combine(d, static), st, (x, y), jax.random.fold_in(k, s), s)
+                    return arrays(m), st2, met, fin
+                return jax.vmap(one)(d, st, x, y, noise_keys)
+            return v
+
+        self.v_mon, self.v_plain = over_seeds(step_mon), over_seeds(step_plain)
+
         @jax.jit
-        def v(d, st, x, y, s):
-            def one(d, st, x, y, k):
-                m, st2, met, fin = fn(eqx.combine(d, static), st, x, y, jax.random.fold_in(k, s), s)
-                return arrays(m), st2, met, fin
-            return jax.vmap(one)(d, st, x, y, noise_keys)
-        return v
+        def v_chunk(d, st, xs, ys, s):
+            def one(d, st, xs, ys, k):
+                m, st2, bad = chunk(eqx.combine(d, static), st, (xs, ys), k, s)
+                return arrays(m), st2, bad
+            return jax.vmap(one)(d, st, xs, ys, noise_keys)
 
-    v_mon, v_plain = over_seeds(step_mon), over_seeds(step_plain)
+        @jax.jit
+        def v_eval(d, x, y):
+            return jax.vmap(lambda d, x, y: evaluate(eqx.combine(d, static), x, y))(d, x, y)
 
-    @jax.jit
-    def v_chunk(d, st, xs, ys, s):
-        def one(d, st, xs, ys, k):
-            m, st2, bad = chunk(eqx.combine(d, static), st, xs, ys, k, s)
-            return arrays(m), st2, bad
-        return jax.vmap(one)(d, st, xs, ys, noise_keys)
+        @jax.jit
+        def v_flat(d, x, y, s):
+            return jax.vmap(lambda d, x, y, k: flat(eqx.combine(d, static), x, y, jax.random.fold_in(k, s)))(
+                d, x, y, flat_keys)
 
-    @jax.jit
-    def v_eval(d, x, y):
-        return jax.vmap(lambda d, x, y: evaluate(eqx.combine(d, static), x, y))(d, x, y)
+        self.v_chunk, self.v_eval, self.v_flat = v_chunk, v_eval, v_flat
 
-    @jax.jit
-    def v_flat(d, x, y, s):
-        return jax.vmap(lambda d, x, y, k: flat(eqx.combine(d, static), x, y, jax.random.fold_in(k, s)))(
-            d, x, y, flat_keys)
-
-    def batches(t: int) -> tuple[Any, Any]:
-        xy = [r.batch(t) for r in runs]
+    def batches(self, t: int) -> tuple[Any, Any]:
+        xy = [r.batch(t) for r in self.runs]
         return jnp.asarray(np.stack([a for a, _ in xy])), jnp.asarray(np.stack([b for _, b in xy]))
 
-    def model_of(d: Any, i: int) -> Any:
-        return eqx.combine(_pick(d, i), static)
+    def split(self, d: Any, st: Any, i: int) -> tuple[Any, Any]:
+        """Seed i's model and state out of the stacked ones."""
+        return eqx.combine(_pick(d, i), self.static), _pick(st, i)
 
-    logs = [RunFolder(r.out) if r.out is not None else None for r in runs]
-    opened = []
-    try:
-        for r, c, log in zip(runs, cfgs, logs):
-            if log is not None:
-                log.open(c, r.header, r.model, r.state, meta={k: r.header[k] for k in ("data_info", "data_sha256")})
-                opened.append(log)
-        for log in opened:
-            log.start()
-    except BaseException:
-        for log in opened:
-            log.close()
-        raise
-    histories: list[list[dict[str, Any]]] = [[] for _ in runs]
-    ckpts: list[Path | None] = [None] * S
-    t0 = time.time()
-    bar = tqdm(total=cfg.steps, disable=not progress, mininterval=0.5, dynamic_ncols=True, leave=False,
-               desc=f"train {S} seeds")
-    pending: list[Any] = []  # per plain call: (S,) finite flags, or (S,) bad steps of a chunk (-1: fine)
-    checked = cur = (0, dyn, state)
-    finished = False  # (updates done, stacked model arrays, stacked state), replaced whole
+    def plain(self, d: Any, st: Any, s: int) -> tuple[Any, Any, Any]:
+        new_d, new_st, _, finite = self.v_plain(d, st, *self.batches(s), jnp.asarray(s, jnp.int32))
+        return new_d, new_st, finite
 
-    def settle() -> None:
-        nonlocal checked
-        for flags in pending:
-            f = np.asarray(flags)
-            if (f.dtype == bool and not f.all()) or (f.dtype != bool and (f >= 0).any()):
-                raise _Diverged
-        pending.clear()
-        checked = cur
+    def chunk(self, d: Any, st: Any, s: int, n: int) -> tuple[Any, Any, Any]:
+        xy = [r.chunk_batch(s, n) for r in self.runs]
+        return self.v_chunk(d, st, jnp.stack([a for a, _ in xy]), jnp.stack([b for _, b in xy]),
+                            jnp.asarray(s, jnp.int32))
 
-    def save_all(step: int, d: Any, st: Any) -> None:
-        for i, (r, log) in enumerate(zip(runs, logs)):
-            if log is not None:
-                ckpts[i] = log.checkpoint(step, model_of(d, i), _pick(st, i), time.time() - t0)
+    def logged(self, d: Any, st: Any, s: int):
+        si, (x, y) = jnp.asarray(s, jnp.int32), self.batches(s)
+        new_d, new_st, metrics, finite = self.v_mon(d, st, x, y, si)
 
-    try:
-        try:
-            for kind, s, n in step_plan(0, cfg, cfg.fuse_steps):
-                si = jnp.asarray(s, jnp.int32)
-                if kind == "checkpoint":
-                    settle()
-                    save_all(s, dyn, state)
-                    continue
-                if kind == "log":
-                    settle()
-                    x, y = batches(s)
-                    new_dyn, new_state, metrics, finite = v_mon(dyn, state, x, y, si)
-                    if not bool(np.all(np.asarray(finite))):
-                        raise _Diverged
-                    ev = v_eval(dyn, xe, ye)
-                    ef = v_eval(dyn, *fixed) if fixed is not None else None
-                    fl = None
-                    if flat is not None and flat_step(s, cfg):
-                        fx, fy = fixed if fixed is not None else (x, y)
-                        fl = v_flat(dyn, fx, fy, si)
-                    metrics, ev, ef, fl = jax.device_get((metrics, ev, ef, fl))
-                    elapsed = round(time.time() - t0, 3)
-                    lr = float(sched(s))
-                    for i, c in enumerate(cfgs):
-                        cov = (covariance.log_metrics(acc, _pick(new_state, i)[1], c.batch_size, s + 1)
-                               if acc is not None else None)
-                        rec = record(c, s, lr, _pick(metrics, i), _pick(ev, i),
-                                     _pick(ef, i) if ef is not None else None,
-                                     _pick(fl, i) if fl is not None else None, cov, int(xe.shape[1]),
-                                     int(fixed[0].shape[1]) if fixed is not None else None)
-                        histories[i].append(rec)
-                        if logs[i] is not None:
-                            logs[i].write(rec, time=elapsed)
-                    cur = checked = (s + 1, new_dyn, new_state)
-                elif kind == "chunk":
-                    xy = [r.chunk_batch(s, n) for r in runs]
-                    new_dyn, new_state, bad = v_chunk(dyn, state, jnp.stack([a for a, _ in xy]),
-                                                      jnp.stack([b for _, b in xy]), si)
-                    pending.append(bad)
-                    cur = (s + n, new_dyn, new_state)
-                else:
-                    x, y = batches(s)
-                    new_dyn, new_state, _, finite = v_plain(dyn, state, x, y, si)
-                    pending.append(finite)
-                    cur = (s + 1, new_dyn, new_state)
-                dyn, state = cur[1], cur[2]
-                bar.update(n)
-            settle()
-            save_all(cfg.steps, dyn, state)
-            finished = True
-        except KeyboardInterrupt:
-            done, d, st = checked
-            saved = False
-            if done > 0 and any(log is not None for log in logs):
-                save_all(done, d, st)
-                saved = True
-            raise TrainingInterrupted(done, cfg.steps, ckpts[0], saved, runs[0].out) from None
-    finally:
-        bar.close()
-        for log in opened:
-            log.close_log() if finished else log.close()
-    try:
-        return [finish_run(c, log, r.ds, r.keys, model_of(dyn, i), _pick(state, i), acc, histories[i], t0,
-                           extra={SEEDS_KEY: [cc.seed for cc in cfgs]})
-                for i, (c, r, log) in enumerate(zip(cfgs, runs, logs))]
-    finally:
-        for log in opened:
-            log.close()
+        def records() -> list[dict[str, Any]]:
+            ev = self.v_eval(d, *self.heldout)
+            ef = self.v_eval(d, *self.fixed) if self.fixed is not None else None
+            fl = None
+            if self.has_flat and flat_step(s, self.cfgs[0]):
+                fx, fy = self.fixed if self.fixed is not None else (x, y)
+                fl = self.v_flat(d, fx, fy, si)
+            met, ev, ef, fl = jax.device_get((metrics, ev, ef, fl))
+            lr, out = float(self.sched(s)), []
+            for i, c in enumerate(self.cfgs):
+                cov = (covariance.log_metrics(self.acc, _pick(new_st, i)[1], c.batch_size, s + 1)
+                       if self.acc is not None else None)
+                out.append(record(c, s, lr, _pick(met, i), _pick(ev, i), _pick(ef, i) if ef is not None else None,
+                                  _pick(fl, i) if fl is not None else None, cov, int(self.heldout[0].shape[1]),
+                                  int(self.fixed[0].shape[1]) if self.fixed is not None else None))
+            return out
+
+        return new_d, new_st, finite, records
+
+    def locate(self, model: Any, s: int) -> str:
+        return "a seed of the group"
+
+
+def _train_group(cfgs: list[TrainConfig], runs: list[Prepared], progress: bool) -> list[RunResult]:
+    folders = [RunFolder(r.out) if r.out is not None else None for r in runs]
+    with contextlib.ExitStack() as stack:  # every folder locked and checked before any is written
+        for f, c, r in zip(folders, cfgs, runs):
+            if f is not None:
+                stack.enter_context(f)
+                f.open(c, r.header, r.model, r.state, meta={k: r.header[k] for k in ("data_info", "data_sha256")})
+        for f in folders:
+            if f is not None:
+                f.start()
+        task = _SeedsTask(cfgs, runs)
+        seeds = [c.seed for c in cfgs]
+
+        def finish(d: Any, st: Any, hist: list[list[dict[str, Any]]], t0: float) -> list[RunResult]:
+            return [finish_run(c, f, r.ds, r.keys, *task.split(d, st, i), task.acc, hist[i], t0,
+                               extra={SEEDS_KEY: seeds}) for i, (c, r, f) in enumerate(zip(cfgs, runs, folders))]
+
+        loop = Loop(task, cfgs[0], cfgs[0].fuse_steps, folders, split=task.split, progress=progress,
+                    desc=f"train {len(runs)} seeds")
+        return loop.run(0, task.dyn, task.state, finish=finish).finished

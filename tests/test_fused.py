@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gradsparse import loop as loop_mod
 from gradsparse import train as train_mod
 from gradsparse.checkpoint import load_model
 from gradsparse.config import TrainConfig
@@ -182,7 +183,7 @@ def test_fuse_steps_is_validated():
 
 def test_step_plan_covers_every_step_once_on_the_absolute_grid():
     cfg = TrainConfig(**TINY)  # 40 steps, log every 10, checkpoint every 7
-    plan = list(train_mod.step_plan(0, cfg, 4))
+    plan = list(loop_mod.step_plan(0, cfg, 4))
     assert plan[:8] == [("log", 0, 1), ("chunk", 1, 4), ("step", 5, 1), ("step", 6, 1), ("checkpoint", 7, 0),
                         ("step", 7, 1), ("step", 8, 1), ("step", 9, 1)]
     covered = [u for kind, s, n in plan if kind != "checkpoint" for u in range(s, s + n)]
@@ -194,5 +195,5 @@ def test_step_plan_covers_every_step_once_on_the_absolute_grid():
             assert not any(u % 10 == 0 or u == 39 for u in range(s + 1, s + n)) and (s + n) // 7 == s // 7 or \
                 (s + n) % 7 == 0
     # a resume at 14 cuts the same chunks as the run from 0
-    assert list(train_mod.step_plan(14, cfg, 4)) == plan[plan.index(("checkpoint", 14, 0)) + 1:]
-    assert all(kind in ("log", "step", "checkpoint") for kind, _, _ in train_mod.step_plan(0, cfg, 1))
+    assert list(loop_mod.step_plan(14, cfg, 4)) == plan[plan.index(("checkpoint", 14, 0)) + 1:]
+    assert all(kind in ("log", "step", "checkpoint") for kind, _, _ in loop_mod.step_plan(0, cfg, 1))
