@@ -60,24 +60,17 @@ its ``role`` and ``layer`` (:mod:`gradsparse.weights`). :func:`get_summary` give
 column over all matrices and per role, :func:`to_dataframe` a pandas DataFrame (optional
 dependency), :func:`rows_to_csv` CSV text.
 
-Route (measured on this 2-core CPU, medians of 5, float32 weights; see DESIGN.md)::
-
-    shape         eigvalsh(Gram, float64)  scipy svdvals (gesdd)  jnp.linalg.svd(compute_uv=False)
-    512 x 2048            40 ms                  101 ms                  253 ms
-    2048 x 512            45 ms                  221 ms                  278 ms
-    1024 x 4096          104 ms                 1639 ms (f64: 1028)     1703 ms (f64: 719)
-    256 x 1024           9.5 ms                  26 ms                   26 ms
-
-so the default route is the **Gram route**: ``np.linalg.eigvalsh`` (LAPACK syevd) of the smaller
-Gram matrix ``B B^T`` (``B`` = W or W^T, whichever has fewer rows) formed in float64, then
-``s = sqrt(max(lambda, 0))``. Conditioning caveat: squaring loses precision: eigenvalues carry an
-absolute error ~ ``k eps64 s_max^2``, so singular values below about ``10 sqrt(k eps64) s_max``
+Route: the eigenvalues of the Gram matrix are several times cheaper than any SVD (measured
+timings per shape: ``docs/benchmarks.md``, "Spectra"), so the default route is the **Gram
+route**: ``np.linalg.eigvalsh`` (LAPACK syevd) of the smaller Gram matrix ``B B^T`` (``B`` = W
+or W^T, whichever has fewer rows) formed in float64, then ``s = sqrt(max(lambda, 0))``.
+Conditioning caveat: squaring loses precision: eigenvalues carry an absolute error ~ ``k eps64 s_max^2``, so singular values below about ``10 sqrt(k eps64) s_max``
 (~7e-6 s_max for k = 2048) are not resolved. For float32/bfloat16 weights the non-zero threshold
 ``rtol * s_max`` lies far above that floor, so the Gram route is as accurate as an SVD of the
 stored weights. When ``rtol`` asks for smaller singular values AND the matrix has singular values
 below the floor, ``route="auto"`` falls back to ``scipy.linalg.svdvals`` (gesdd, no U/V) in
 float64 for that matrix; the ``route`` column says which one was used. Full SVDs,
-``full_matrices=True`` and the gesvd driver are never used (4.8 s / 13.8 s at 1024 x 4096).
+``full_matrices=True`` and the gesvd driver are never used (far slower still).
 
 Bad input never stops a table: a matrix with NaN/inf entries, an empty or an all-zero matrix, or a
 complex one gives a row whose ``error`` column says what is wrong (numbers NaN). Non-array and

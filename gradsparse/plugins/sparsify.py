@@ -113,12 +113,14 @@ def sparsify(model: Any, *, zeroth_bias: bool = False, restricted_ln: bool = Fal
     (an :class:`~gradsparse.activations.Activation`), ``zeroth_bias`` + static
     ``zeroth_bias_placement`` and ``noise``, and its forward pass must use them as
     :class:`gradsparse.models.MLPBlock` does (the easy way: build the blocks from MLPBlock).
-    A missing field raises ValueError naming it. Then train with your own loop::
+    A missing field raises ValueError naming it. Then train with your own loop (a complete,
+    tested example of a model whose blocks live in ``layers``: ``docs/plugins.md``)::
 
         res = gradsparse.sparsify(my_model, zeroth_bias=True, jsrelu=True, select=lambda m: m.layers,
                                   seq_len=1)
         params, static = eqx.partition(res.model, res.trainable)
-        # ... optax update of params ...; model = eqx.combine(params, static)
+        # loss of eqx.combine(params, static)(x, zero_probes(blocks, num_tokens)), optax update of
+        # params; model = eqx.combine(params, static)
         for project in res.projections:
             model = project(model, step)
 
