@@ -87,7 +87,12 @@ def _jit_check(name="G98"):
         import jax
         import jax.numpy as jnp
 
-        jax.jit(lambda x: jnp.sin(x) * 2.5 + 0.987)(jnp.arange(7.0)).block_until_ready()
+        def f(x):
+            for i in range(30):  # enough to trace and lower for well over the 0.01 s that the report rounds to
+                x = jnp.sin(x) * 2.5 + 0.987 + i
+            return x
+
+        jax.jit(f)(jnp.arange(7.0)).block_until_ready()
         return Finding(effect_verdict([0.3, 0.2, 0.4], 0.1), "measured ok", per_seed={"e": [0.3, 0.2, 0.4]})
 
     return Check(name=name, slug=f"g98_fake_{name.lower()}", title="fake", claim="a fake claim", rule="a fake rule",

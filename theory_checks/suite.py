@@ -323,7 +323,7 @@ def run_checks(checks: Sequence[Any], preset: str, out: Path, seeds: list[int], 
             comp_s, n_comp, n_cached = clock.since(mark)
             compile_of[res.name] = round(comp_s, 2)
             meta["compile_s_of"] = compile_of
-            meta["compile_s"] = round(clock.seconds(t0), 1)
+            meta["compile_s"] = round(clock.seconds(t0), 2)
             results.append(res)
             report()
             if echo:
