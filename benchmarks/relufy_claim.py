@@ -42,7 +42,7 @@ from common import ROOT  # noqa: F401  (puts the source checkout on sys.path)
 
 from gradsparse.io import atomic_write_json
 from gradsparse.relufy import relufy
-from gradsparse.relufy_config import DistillConfig
+from gradsparse.relufy import DistillConfig
 from gradsparse.runtime import enable_compilation_cache
 from theory_checks.verdicts import bound_verdict, combine, effect_verdict
 

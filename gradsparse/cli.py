@@ -32,7 +32,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("gradsparse.commands.train", "train an MLP / ViT / byte LM with in-step sparsity monitors"),
     "check": ("gradsparse.commands.check", "run the theory checks (G1..G14) and write a report"),
     "spectrum": ("gradsparse.commands.spectrum", "per-layer singular-value table and spectrum figures"),
-    "finetune": ("gradsparse.commands.finetune", "plug sparsity modules into a checkpoint and finetune it"),
+    "finetune": ("gradsparse.commands.finetune", "plug sparsity modules into a checkpoint and finetune it "
+                 "(a Hugging Face BERT folder: see relufy)"),
+    "relufy": ("gradsparse.commands.relufy", "relufy a pretrained Hugging Face BERT by distillation to its original"),
     "figures": ("gradsparse.commands.figures", "regenerate the README figures from a quick run"),
     "bench": ("gradsparse.commands.bench", "run the benchmarks and write a markdown table"),
     "measure": ("gradsparse.commands.measure", "sparsity monitors of a pretrained Hugging Face encoder, per layer"),

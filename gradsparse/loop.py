@@ -26,7 +26,11 @@ least one update was made since the last checkpoint, a checkpoint of the state a
 completed update is written in every run folder; then :class:`gradsparse.errors.TrainingInterrupted`
 says what was kept (a second Ctrl-C or a failing disk while writing it is reported, not raised).
 A Ctrl-C during ``finish`` (the final evaluation, the summary) leaves the final checkpoint as the
-resume point.
+resume point. While the loop runs in the main thread with Python's own SIGINT handler, the first
+SIGINT only asks the loop to stop, and it stops at the next entry of the plan (:class:`CtrlC`): a
+KeyboardInterrupt raised wherever the signal happens to land can be lost (one raised inside a
+garbage-collector callback is printed and dropped, and the run would go on); a second SIGINT
+raises at once.
 
 What a run is made of comes from a *task* (duck-typed): ``plain(model, state, s) -> (model, state,
 finite)``, ``chunk(model, state, s, n) -> (model, state, bad_step)``, ``logged(model, state, s) ->
@@ -38,6 +42,8 @@ vmapped group): the step counts as bad when any entry is.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +113,35 @@ class LoopResult:
     last_checkpoint: Path | None
     t0: float
     finished: Any = None
+
+
+class CtrlC:
+    """SIGINT while a loop runs: the first one sets :attr:`asked` (the loop raises KeyboardInterrupt
+    at its next plan entry, :meth:`check`), a second one raises KeyboardInterrupt at once. Installed
+    only in the main thread over Python's default handler; the previous handler comes back on exit."""
+
+    def __init__(self):
+        self.asked, self.prev = False, None
+
+    def __enter__(self) -> "CtrlC":
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.prev = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def check(self) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.prev is not None:
+            signal.signal(signal.SIGINT, self.prev)
+            self.prev = None
 
 
 def _bad_step(flag: Any, s: int, n: int) -> int | None:
@@ -219,42 +254,45 @@ class Loop:
         bar = tqdm(total=cfg.steps, initial=first, disable=not self.progress, mininterval=0.5, dynamic_ncols=True,
                    leave=False, desc=self.desc)
         try:
-            for kind, s, n in step_plan(first, cfg, self.fuse, periods):
-                if kind in ("checkpoint", "hook"):
-                    settle()
-                    if kind == "checkpoint":
-                        save(s, model, state)
+            with CtrlC() as ctrl_c:
+                for kind, s, n in step_plan(first, cfg, self.fuse, periods):
+                    ctrl_c.check()
+                    if kind in ("checkpoint", "hook"):
+                        settle()
+                        if kind == "checkpoint":
+                            save(s, model, state)
+                        else:
+                            call_hooks(s, model, state)
+                        continue
+                    if kind == "log":
+                        settle()
+                        new_model, new_state, finite, records = task.logged(model, state, s)
+                        if not np.asarray(finite).all():
+                            raise diverged(s, model, state, s)
+                        elapsed_now = round(time.time() - t0, 3)
+                        for i, rec in enumerate(records()):
+                            hist[i].append(rec)
+                            if folders[i] is not None:
+                                folders[i].write(rec, time=elapsed_now)
+                            if self.on_log is not None:
+                                self.on_log(rec)
+                        if self.postfix is not None:
+                            bar.set_postfix(self.postfix(hist[0][-1]), refresh=False)
+                        cur = seg = (s + 1, new_model, new_state)
+                    elif kind == "chunk":
+                        new_model, new_state, bad = task.chunk(model, state, s, n)
+                        pending.append((s, n, bad))
+                        cur = (s + n, new_model, new_state)
                     else:
-                        call_hooks(s, model, state)
-                    continue
-                if kind == "log":
-                    settle()
-                    new_model, new_state, finite, records = task.logged(model, state, s)
-                    if not np.asarray(finite).all():
-                        raise diverged(s, model, state, s)
-                    elapsed_now = round(time.time() - t0, 3)
-                    for i, rec in enumerate(records()):
-                        hist[i].append(rec)
-                        if folders[i] is not None:
-                            folders[i].write(rec, time=elapsed_now)
-                        if self.on_log is not None:
-                            self.on_log(rec)
-                    if self.postfix is not None:
-                        bar.set_postfix(self.postfix(hist[0][-1]), refresh=False)
-                    cur = seg = (s + 1, new_model, new_state)
-                elif kind == "chunk":
-                    new_model, new_state, bad = task.chunk(model, state, s, n)
-                    pending.append((s, n, bad))
-                    cur = (s + n, new_model, new_state)
-                else:
-                    new_model, new_state, finite = task.plain(model, state, s)
-                    pending.append((s, 0, finite))
-                    cur = (s + 1, new_model, new_state)
-                model, state = cur[1], cur[2]
-                bar.update(n)
-            settle()
-            save(cfg.steps, model, state)
-            call_hooks(cfg.steps, model, state)
+                        new_model, new_state, finite = task.plain(model, state, s)
+                        pending.append((s, 0, finite))
+                        cur = (s + 1, new_model, new_state)
+                    model, state = cur[1], cur[2]
+                    bar.update(n)
+                ctrl_c.check()
+                settle()
+                save(cfg.steps, model, state)
+                call_hooks(cfg.steps, model, state)
         except KeyboardInterrupt:
             raise interrupted() from None
         finally:

@@ -68,16 +68,9 @@ def _pos_int(name: str, v: Any, lo: int = 1) -> int:
 
 @eqx.filter_jit
 def _forward_sums(model: BertEncoder, ids: Array, mask: Array, types: Array):
-    """Per layer: sums over real tokens of 1[z>0], flat-set indicator, sigma'^2, inactive indicator."""
+    """Embeddings and, per layer, the sums over real tokens (:func:`gradsparse.monitors.token_counts`)."""
     emb, aux = model(ids, attention_mask=mask, token_type_ids=types)
-    w = mask.reshape(-1, 1).astype(jnp.float32)
-    sums = []
-    for blk, ax in zip(model.mlp_blocks(), aux):
-        z, a, act = ax["z"], ax["a"], blk.act
-        d = act.deriv(z)
-        sums.append(jnp.stack([jnp.sum((z > 0) * w), jnp.sum(act.flat_mask(z) * w), jnp.sum(d * d * w),
-                               jnp.sum((jnp.abs(a - act.flat_value) <= monitors.ACT_TOL) * w)]))
-    return emb, jnp.stack(sums)
+    return emb, monitors.token_counts(model.mlp_blocks(), aux, mask, stats=("positive", "flat", "dsigma_sq", "active"))
 
 
 def forward_stats(model: BertEncoder, tokenizer: SentenceTokenizer, sentences: Sequence[str], *,
@@ -102,10 +95,12 @@ def forward_stats(model: BertEncoder, tokenizer: SentenceTokenizer, sentences: S
     for s in tqdm(starts, desc="forward", unit="batch", leave=False, disable=not progress):
         idx = order[s:s + batch_size]
         b = check_batch(model, tokenizer([sents[i] for i in idx], pad_to_multiple_of=pad_to_multiple_of))
-        e, sums = _forward_sums(model, b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        e, c = _forward_sums(model, b["input_ids"], b["attention_mask"], b["token_type_ids"])
         emb[idx] = np.asarray(e)
-        total += np.asarray(sums, np.float64)
-        tokens += int(b["attention_mask"].sum())
+        n_real = int(b["attention_mask"].sum())
+        inactive = n_real * n_units - np.asarray(c["active"], np.float64)  # exact: integer counts
+        total += np.stack([np.asarray(c[k], np.float64) for k in ("positive", "flat", "dsigma_sq")] + [inactive], 1)
+        tokens += n_real
     frac = total / (tokens * n_units)
     out = {"pos_frac": frac[:, 0], "deriv_sparsity": frac[:, 1], "dsigma_sq": frac[:, 2], "density": 1.0 - frac[:, 3]}
     return out, emb, tokens

@@ -20,12 +20,10 @@ from tiny_bert import MAX_LEN, SENTS, write_tiny_bert  # noqa: E402
 from gradsparse.activations import Mixed, ReLU  # noqa: E402
 from gradsparse.checkpoint import list_checkpoints, read_header  # noqa: E402
 from gradsparse.cli import main  # noqa: E402
-from gradsparse.factory import build_distill  # noqa: E402
+from gradsparse.errors import TrainingInterrupted  # noqa: E402
 from gradsparse.models.bert import load_bert, with_activation  # noqa: E402
-from gradsparse.relufy import relufy  # noqa: E402
-from gradsparse.relufy_config import DistillConfig  # noqa: E402
-from gradsparse.relufy_step import distill_objective, make_distill_step  # noqa: E402
-from gradsparse.train import TrainingInterrupted  # noqa: E402
+from gradsparse.relufy import Distill, DistillConfig, build_distill, relufy  # noqa: E402
+from gradsparse.step import make_train_step  # noqa: E402
 
 ALL = ("zeroth_bias", "restricted_ln")
 
@@ -78,8 +76,10 @@ def test_loss_and_gradient_vanish_at_the_teacher(tiny):
     teacher, tok, _ = load_bert(tiny)
     ids, mask, types = _batch(tok)
 
+    objective = Distill(teacher, 1.0)
+
     def loss(m):
-        return distill_objective(m, teacher, ids, mask, types, 1.0)[0]
+        return objective(m, (ids, mask, types), None)[0]
 
     vg = eqx.filter_jit(eqx.filter_value_and_grad(loss))
     l0, g0 = vg(teacher)
@@ -89,7 +89,7 @@ def test_loss_and_gradient_vanish_at_the_teacher(tiny):
     l1, g1 = vg(relu)
     assert float(l1) > 1e-3 and float(optax.tree.norm(g1)) > 1e-2
     # with w = 1 the loss is exactly L_cos + L_hid
-    _, aux = eqx.filter_jit(distill_objective)(relu, teacher, ids, mask, types, 1.0)
+    _, aux = eqx.filter_jit(lambda o, m: o(m, (ids, mask, types), None))(objective, relu)
     np.testing.assert_allclose(float(l1), float(aux["cosine_loss"] + aux["hidden_mse"]), rtol=1e-5)
 
 
@@ -99,11 +99,12 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(tiny):
         built, teacher, tok, _ = build_distill(_cfg(tiny, hidden_weight=1.0, **kw))
         opt = optax.adam(1e-4)
         state = opt.init(eqx.filter(built.model, built.trainable))
-        step = make_distill_step(opt, built.trainable, built.projections, hidden_weight=1.0)
+        step = make_train_step(Distill(teacher, 1.0), opt, built.trainable, built.projections, monitors="counts")
         if ids is None:
             ids, mask, types = _batch(tok)
-        new, _, m0 = step(built.model, state, teacher, ids, mask, types, jnp.asarray(0, jnp.int32))
-        _, _, m1 = step(new, state, teacher, ids, mask, types, jnp.asarray(1, jnp.int32))
+        key = jax.random.key(0)
+        new, _, m0, _ = step(built.model, state, (ids, mask, types), key, jnp.asarray(0, jnp.int32))
+        _, _, m1, _ = step(new, state, (ids, mask, types), key, jnp.asarray(1, jnp.int32))
         if not kw:
             break
         assert float(m1["loss"]) < float(m0["loss"])

@@ -8,7 +8,8 @@
 
 The first argument decides the route: a Hugging Face BERT folder (config.json with model_type
 'bert' and safetensors weights) is relufied by distillation against its frozen original
-(:mod:`gradsparse.relufy`); anything else is a gradsparse checkpoint or run folder.
+(:mod:`gradsparse.relufy`; ``gradsparse relufy HF_FOLDER`` is the name of that route now, this one
+keeps working); anything else is a gradsparse checkpoint or run folder.
 
 ``--modules none`` finetunes without modules (the control run). The finetuned run folder is a
 normal run folder; its checkpoints record the surgery options and the parent checkpoint, so
@@ -23,20 +24,19 @@ before the checkpoint is read.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from gradsparse._validate import check_float, check_int
 from gradsparse.checkpoint import load_model, resolve
 from gradsparse.commands import check_run_out, path_arg
+from gradsparse.commands import relufy as relufy_command
+from gradsparse.commands.relufy import add_distill_arguments, is_hf_bert_folder
 from gradsparse.commands.train import run_summary
 from gradsparse.config import INT_BOUNDS, TrainConfig
 from gradsparse import data
 from gradsparse.factory import RunKeys, finetune_start
 from gradsparse.plugins.sparsify import MODULE_NAMES
-from gradsparse.relufy import relufy
-from gradsparse.relufy_config import DISTILL_ACTIVATIONS, DISTILL_MODULES, DistillConfig
 from gradsparse.runfolder import check_out, run_contents, stored_config
 from gradsparse.step import final_eval
 from gradsparse.train import train
@@ -85,17 +85,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-damaged", action="store_true",
                    help="with --resume: start from the newest intact checkpoint when later ones are damaged")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    g = p.add_argument_group("Hugging Face BERT folder (relufication by distillation)")
-    g.add_argument("--activation", choices=DISTILL_ACTIVATIONS,
-                   help="replace GELU by relu, or by the ReLU -> JSReLU mix (ramped over --t-mix); default relu")
+    g = p.add_argument_group("Hugging Face BERT folder (relufication by distillation; its own command now: "
+                             "gradsparse relufy HF_FOLDER takes these flags)")
     g.add_argument("--distill", action="store_true",
                    help="train the student to the frozen original (the objective of this route; implied)")
-    g.add_argument("--batch-size", type=int, help="sentences per step (default 16)")
-    g.add_argument("--seq-len", type=int, help="tokens per sentence, special tokens included (default 32)")
-    g.add_argument("--hidden-weight", type=float,
-                   help="weight of the per-layer hidden-state MSE beside the embedding cosine loss (default 10)")
-    g.add_argument("--checkpoint-every", type=int, help="checkpoint every k steps (default 0: at the end only)")
-
+    add_distill_arguments(g)
 
 _I32 = 2**31 - 1
 
@@ -138,28 +132,6 @@ def refuse_out_in_source(out: Path, ckpt: Path) -> None:
                          f"({ckpt}); choose a folder outside it")
 
 
-def is_hf_bert_folder(path: Path) -> bool:
-    """Whether ``path`` is a Hugging Face BERT folder: config.json with a ``model_type`` and
-    safetensors weights. A folder whose config.json names another model_type is refused
-    (ValueError); a gradsparse run folder (its config.json has no model_type) is not one."""
-    cfg = path / "config.json"
-    if not path.is_dir() or not cfg.is_file():
-        return False
-    try:
-        d = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    if not isinstance(d, dict) or "model_type" not in d:
-        return False
-    if d["model_type"] != "bert":
-        raise ValueError(f"{path}: config.json names model_type {d['model_type']!r}; allowed: a Hugging Face "
-                         "folder of model_type bert, or a gradsparse checkpoint / run folder")
-    if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
-        raise ValueError(f"{path}: a BERT config.json but no model.safetensors (or model.safetensors.index.json); "
-                         "allowed: a Hugging Face folder with safetensors weights")
-    return True
-
-
 _HF_ONLY = ("activation", "batch_size", "seq_len", "hidden_weight", "checkpoint_every")
 
 
@@ -168,46 +140,12 @@ def _flag(name: str) -> str:
 
 
 def run_hf(args: argparse.Namespace) -> int:
-    """The relufication route (:mod:`gradsparse.relufy`) for a Hugging Face BERT folder."""
-    names = [t.strip() for t in args.modules.split(",") if t.strip()]
-    if names != ["none"]:
-        bad = [n for n in names if n not in DISTILL_MODULES]
-        if bad or not names or len(set(names)) != len(names):
-            raise ValueError(f"--modules {args.modules!r}: a Hugging Face folder takes a comma-separated subset of "
-                             f"{', '.join(DISTILL_MODULES)} (each once), or none; the JSReLU mix is --activation mix")
-    mods = tuple(m for m in DISTILL_MODULES if m in names)
+    """The relufication route for a Hugging Face BERT folder: ``gradsparse relufy`` (its name now)."""
     for name, default in (("warmup", 0), ("lora_alpha", None), ("zeroth_bias_placement", "input")):
         if getattr(args, name) != default:
             raise ValueError(f"{_flag(name)} applies to a gradsparse checkpoint only, not to a Hugging Face folder")
-    out: Path = args.out
-    check_run_out(out, resume=args.resume, overwrite=args.overwrite, skip_damaged=args.skip_damaged)
-    folder = args.checkpoint.resolve()
-    if out.resolve() == folder or out.resolve().is_relative_to(folder):
-        raise ValueError(f"--out {out} lies inside the model folder {folder}; choose a folder outside it")
-    fields = dict(model_folder=str(folder), modules=mods, steps=args.steps)
-    for name in ("activation", "lr", "batch_size", "seq_len", "hidden_weight", "seed", "log_every",
-                 "checkpoint_every", "t_mix", "t_up", "zeroth_bias_clip"):
-        if getattr(args, name) is not None:
-            fields[name] = getattr(args, name)
-    try:
-        cfg = DistillConfig(**fields).validate()
-    except ValueError as e:
-        field, _, rest = str(e).partition(":")
-        raise ValueError(f"{_flag(field)}:{rest}" if field in fields else str(e)) from None
-    if not (args.overwrite or args.resume):
-        check_out(out)  # early, before the model is read; the run folder checks again once it holds the lock
-    res = relufy(cfg, out, resume=args.resume, progress=not args.quiet and sys.stderr.isatty(),
-                 overwrite=args.overwrite, skip_damaged=args.skip_damaged)
-    if res.already_complete:
-        print(f"{out}: the run is already complete ({cfg.steps} steps); nothing to do")
-        return 0
-    b, a = res.summary["before"], res.summary["after"]
-    print(f"relufied {folder} ({cfg.activation}, modules [{', '.join(mods) or 'none'}], {cfg.steps} steps): "
-          f"density {b['teacher_positive_fraction/mean']:.4f} (GELU, positive) / {b['density/mean']:.4f} (relufied) "
-          f"-> {a['density/mean']:.4f}; teacher cosine {b['teacher_cos']:.4f} -> {a['teacher_cos']:.4f}; "
-          f"neighbour agreement {b['nn_agreement']:.3f} -> {a['nn_agreement']:.3f}; "
-          f"{res.summary['train_time_s']:.0f} s; run folder {out}")
-    return 0
+    args.folder = args.checkpoint
+    return relufy_command.run(args)
 
 
 def run(args: argparse.Namespace) -> int:

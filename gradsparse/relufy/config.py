@@ -4,13 +4,14 @@ JSReLU mix) and the sparsity plug-ins against its frozen original by distillatio
 One frozen dataclass, :class:`DistillConfig`, validated by :meth:`DistillConfig.validate` and
 serialised as JSON (``to_dict`` / ``from_dict``) into the run folder's ``config.json``. It records the
 Hugging Face model folder and the SHA-256 of its weights, so a resume can refuse a folder whose
-weights changed. :mod:`gradsparse.factory` builds the student, teacher and tokenizer from it
-(:func:`gradsparse.factory.build_distill`); :mod:`gradsparse.relufy` trains it.
+weights changed. :mod:`gradsparse.relufy.build` builds the student, teacher and tokenizer from it
+(:func:`gradsparse.relufy.build.build_distill`); :mod:`gradsparse.relufy.run` trains it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from gradsparse._validate import check_choice, check_float, check_int
 from gradsparse.config import RunConfig
@@ -22,7 +23,7 @@ DISTILL_ACTIVATIONS = ("relu", "mix")
 DISTILL_MODULES = ("zeroth_bias", "restricted_ln")
 #: the neighbour agreement needs at least this many held-out sentences (issue protocol: >= 500)
 MIN_HELDOUT = 500
-#: default weight of the per-layer hidden-state MSE in the distillation loss (see gradsparse.relufy)
+#: default weight of the per-layer hidden-state MSE in the distillation loss (docs/engine_measurements.md)
 DEFAULT_HIDDEN_WEIGHT = 10.0
 _I32 = 2**31 - 1
 
@@ -42,7 +43,11 @@ class DistillConfig(RunConfig):
     Held-out: ``num_heldout`` sentences of :func:`gradsparse.distill.default_split` (split seed 0,
     the same for every run seed, so runs are compared on the same sentences), evaluated in batches
     of ``eval_batch``. Logging: ``log_every`` (and the last step), ``checkpoint_every`` (0: only
-    at the end).
+    at the end). ``fuse_steps`` k: the plain steps between two log points or checkpoints run k at
+    a time in one ``lax.scan`` (1: one jitted call per step); as in the Transformers of
+    :class:`gradsparse.config.TrainConfig`, XLA compiles the scanned step with ulp-level
+    differences, so k is part of what a run is. Configs written before the field read as 1 (they
+    were trained unfused).
     """
 
     model_folder: str
@@ -62,6 +67,7 @@ class DistillConfig(RunConfig):
     num_heldout: int = 512
     eval_batch: int = 64
     weights_sha256: str | None = None
+    fuse_steps: int = 16
 
     def validate(self) -> "DistillConfig":
         """Check every field; ValueError('field: what is wrong; allowed: ...'). Returns self."""
@@ -92,6 +98,7 @@ class DistillConfig(RunConfig):
         check_float("zeroth_bias_clip", self.zeroth_bias_clip, 0, 1e6)
         check_int("num_heldout", self.num_heldout, MIN_HELDOUT, 2**20)
         check_int("eval_batch", self.eval_batch, 1, 4096)
+        check_int("fuse_steps", self.fuse_steps, 1, 4096)
         if self.weights_sha256 is not None and (not isinstance(self.weights_sha256, str)
                                                 or len(self.weights_sha256) != 64):
             raise ValueError(f"weights_sha256: must be 64 hex digits or null, got {self.weights_sha256!r}")
@@ -108,6 +115,12 @@ class DistillConfig(RunConfig):
         return max(1, self.steps // 2) if self.t_up is None else self.t_up
 
     RESUME_FREE = ("weights_sha256",)  # checked against the model folder by the factory
+
+    @classmethod
+    def _upgrade(cls, d: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(d, dict) and "fuse_steps" not in d:  # written before fused chunks: trained unfused
+            d = {**d, "fuse_steps": 1}
+        return d
 
     def _extension_refused(self, stored: "DistillConfig", where: str) -> str | None:
         """The default ramps (steps // 2) change with ``steps``: such a run cannot be extended."""
