@@ -134,9 +134,7 @@ class TrainConfig(RunConfig):
     1 = one jitted call per step). For the MLPs the parameters are bit-equal to single steps; in
     the Transformers XLA compiles the scanned step with ulp-level differences (Adam then carries
     them), so k is part of what a run is. Configs written before this field read as the default.
-    Default 16, measured on 2 CPU cores (4-block residual LN-MLP, batch 64, per step over single
-    jitted steps): 2.0-2.6x faster at width 64, 1.6-1.8x at 128, 1.1x at 512; byte LM width 32 x 2
-    at seq 32: 1.5x (8 to 64 steps per chunk gave the same within noise).
+    Default 16 (what it buys on a CPU: docs/engine_measurements.md).
     Finetuning: ``surgery`` holds the options of :func:`gradsparse.plugins.sparsify` that were
     applied to the parent model (None for a run from scratch); ``parent`` names the parent
     checkpoint (provenance only).

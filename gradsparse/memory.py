@@ -22,11 +22,9 @@
   and its attention). These run one after the other, so the peak counts the largest of
   (training step, held-out step, flatness, final evaluation).
 
-total = P + S + G + (P + S) + max(train, held-out, flatness, final evaluation). Measured on
-CPU (residual MLP, depth 4, batch 64, three monitored steps): width 1024 and 2048 estimate
-1018 and 3829 MiB, the peak RSS rose by 978 and 3739 MiB over a width-8 run, i.e. the estimate
-is within a few percent of the real peak (2-4 % above it there; load 2.9 on 2 cores). The
-accelerator path is not measured yet. :func:`check_fits` refuses only what exceeds the memory
+total = P + S + G + (P + S) + max(train, held-out, flatness, final evaluation); against the
+measured peak RSS on a CPU it lies a few percent above (docs/engine_measurements.md).
+:func:`check_fits` refuses only what exceeds the memory
 of the device (``memory_stats()['bytes_limit']`` on an accelerator) or of the machine
 (``os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')``, or a smaller cgroup limit).
 With data parallelism the batch terms are divided by the number of devices.

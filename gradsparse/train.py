@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,7 @@ from gradsparse.factory import Built, RunKeys, build, init_state, make_accumulat
 from gradsparse.memory import check_fits
 from gradsparse.monitors import summarize
 from gradsparse.parallel import DataParallel
-from gradsparse.loop import Loop
+from gradsparse.loop import Loop, StepInfo
 from gradsparse.runfolder import Resume, RunFolder
 from gradsparse.step import (CROSS_ENTROPY, final_eval, flatness_fn, locate_nonfinite, make_eval_fn,
                              make_train_chunk, make_train_step)
@@ -229,7 +229,8 @@ class _Task:
 def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset: Dataset | None = None,
           start: Built | None = None, progress: bool = True,
           on_log: Callable[[dict[str, Any]], None] | None = None, resume: bool = False,
-          skip_damaged: bool = False, overwrite: bool | None = None) -> RunResult:
+          skip_damaged: bool = False, overwrite: bool | None = None,
+          hooks: Sequence[tuple[Callable[[StepInfo], None], int]] = ()) -> RunResult:
     """Train ``cfg`` and write the run folder (when ``out_dir`` is given).
 
     The model, trainable mask and projections come from :func:`gradsparse.factory.build`, or from
@@ -249,7 +250,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
     the newest intact checkpoint when later ones are damaged. ``overwrite`` (default: True unless
     resuming) lets a new run replace a run in ``out_dir``; False refuses a folder that holds
     anything (what the commands do without ``--overwrite``). ``on_log`` is called only for steps
-    computed in this call. Everything is checked before anything is written, the memory the
+    computed in this call; ``hooks``: ``(fn, every)`` pairs, ``fn(StepInfo)`` after every ``every``
+    updates (:meth:`gradsparse.loop.Loop.add_hook`). Everything is checked before anything is written, the memory the
     config needs included (:func:`gradsparse.memory.check_fits`): ValueError leaves the folder
     untouched.
 
@@ -286,6 +288,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *, dataset
         fuse = cfg.fuse_steps if run.dp.n_devices == 1 else 1
         loop = Loop(_Task(run, fuse), cfg, fuse, [folder], progress=progress, desc="train", on_log=on_log,
                     postfix=lambda r: {"loss": _fmt(r["loss"]), "density": _fmt(r["train/density/mean"])})
+        for fn, every in hooks:
+            loop.add_hook(fn, every)
         if folder is not None:
             folder.start()
             for (path, why), kept in zip(plan.skipped, plan.kept_as):

@@ -13,14 +13,13 @@ batched kernels whose sums XLA may order differently, and training amplifies ulp
 ``trained_with_seeds`` (the S seeds of the group), so a report can name the runs trained this way.
 
 Worth it where one model leaves the machine idle: per-step fixed cost dominates at small widths
-on a CPU (measured with ``benchmarks/bench_fused.py``, 3 seeds on 2 cores: 1.39x per model-step at
-width 64, 1.18x for the byte LM at width 32, 1.00x at width 128 and 512) and on an accelerator
-(not measured here). :func:`worth_vmapping` is that rule.
+on a CPU and on an accelerator. :func:`worth_vmapping` is that rule (its measurements:
+docs/engine_measurements.md). The loop is :mod:`gradsparse.loop`'s, over the vmapped task.
 
 Not resumable as a group: ``resume`` is not offered (a seed's folder can be continued alone by
 ``gradsparse train --resume``, which continues it one seed at a time). A NaN/inf in any seed
 stops the group, and every seed is then trained again one at a time by
-:func:`gradsparse.train.train`, which raises :class:`gradsparse.train.TrainingDiverged` naming the
+:func:`gradsparse.train.train`, which raises :class:`gradsparse.errors.TrainingDiverged` naming the
 step and the block exactly as it always does.
 """
 

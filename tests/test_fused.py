@@ -197,3 +197,19 @@ def test_step_plan_covers_every_step_once_on_the_absolute_grid():
     # a resume at 14 cuts the same chunks as the run from 0
     assert list(loop_mod.step_plan(14, cfg, 4)) == plan[plan.index(("checkpoint", 14, 0)) + 1:]
     assert all(kind in ("log", "step", "checkpoint") for kind, _, _ in loop_mod.step_plan(0, cfg, 1))
+
+
+def test_hooks_run_every_n_steps_and_change_no_bit(tmp_path, mnist):
+    """A hook every 6 updates sees the state after updates 6, 12, ... (chunks stop there); for the
+    MLP the run's parameters and log are bit-equal to the run without it."""
+    cfg = TrainConfig(**{**TINY, "fuse_steps": 4})
+    seen = []
+    hooked = train(cfg, tmp_path / "h", dataset=mnist, progress=False,
+                   hooks=[(lambda info: seen.append((info.step, len(info.histories[0]))), 6)])
+    plain = train(cfg, tmp_path / "p", dataset=mnist, progress=False)
+    assert [s for s, _ in seen] == list(range(6, cfg.steps + 1, 6))
+    assert seen[0][1] == 1  # only step 0 was logged before update 6
+    _assert_same(hooked.model, plain.model)
+    assert (tmp_path / "h" / "log.jsonl").read_bytes() == (tmp_path / "p" / "log.jsonl").read_bytes()
+    with pytest.raises(ValueError, match="every"):
+        train(cfg, None, dataset=mnist, progress=False, hooks=[(print, 0)])

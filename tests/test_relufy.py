@@ -170,6 +170,29 @@ def test_run_log_summary_resume_after_interrupt_and_changed_weights(tmp_path, ca
     assert "SHA-256" in err and "changed" in err and len(err.splitlines()) == 1
 
 
+def test_fused_steps_equal_single_steps_and_a_damaged_checkpoint_is_skipped(tmp_path, tiny, capsys):
+    """Fused chunks give the unfused run's log bit for bit; a damaged latest checkpoint is refused
+    naming the intact one, and --skip-damaged resumes from it to the same log."""
+    cfg = _cfg(tiny, steps=9, log_every=4, checkpoint_every=3)
+    relufy(cfg.replace(fuse_steps=1), tmp_path / "one", progress=False)
+    relufy(cfg.replace(fuse_steps=2), tmp_path / "two", progress=False)
+    assert (tmp_path / "one" / "log.jsonl").read_bytes() == (tmp_path / "two" / "log.jsonl").read_bytes()
+    run = tmp_path / "two"
+    ck = list_checkpoints(run)[-1][1]
+    ck.write_bytes(ck.read_bytes()[:-50])  # the final checkpoint (step 9) truncated
+    (run / "summary.json").unlink()
+    args = ["relufy", str(tiny), "--activation", "mix", "--modules", "zeroth_bias,restricted_ln", "--steps", "9",
+            "--out", str(run), "--batch-size", "4", "--seq-len", str(MAX_LEN), "--log-every", "4",
+            "--checkpoint-every", "3", "--lr", "1e-3", "--t-mix", "3", "--t-up", "3", "--fuse-steps", "2", "--quiet",
+            "--resume"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "damaged" in err and "step_00000006.eqx" in err and "--skip-damaged" in err
+    assert main(args + ["--skip-damaged"]) == 0
+    assert (run / "log.jsonl").read_bytes() == (tmp_path / "one" / "log.jsonl").read_bytes()
+    assert (run / "checkpoints" / (ck.name + ".damaged")).exists()
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--batch-size", "0"], "--batch-size"), (["--seq-len", "2"], "--seq-len"),
     (["--hidden-weight", "-1"], "--hidden-weight"), (["--lr", "0"], "--lr"), (["--log-every", "0"], "--log-every"),
