@@ -88,3 +88,23 @@ def test_top_level_help_imports_no_subcommand():
             "print('JAX', 'jax' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "COMMAND" in r.stdout and "JAX False" in r.stdout, r.stdout + r.stderr
+
+
+def test_check_refuses_a_folder_of_someone_elses_files(tmp_path, capsys):
+    """`check --out` into a non-empty folder that holds no report (user files, a training run) is
+    refused before anything is written; the report's own files do not count as foreign."""
+    from gradsparse.commands.check import foreign_entries
+
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    (user / "config.json").write_text("{}")
+    assert main(["check", "G2", "--preset", "smoke", "--quiet", "--out", str(user)]) == 2
+    err = capsys.readouterr().err
+    assert "holds no check report (config.json, notes.txt)" in err and "--overwrite" in err
+    assert sorted(p.name for p in user.iterdir()) == ["config.json", "notes.txt"]
+    own = tmp_path / "report"
+    (own / "runs").mkdir(parents=True)
+    for name in ("plan.json", "G4.error.txt", ".report.json.1234.tmp"):
+        (own / name).write_text("")
+    assert foreign_entries(own) == [] and foreign_entries(tmp_path / "missing") == []

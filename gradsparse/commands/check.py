@@ -128,6 +128,21 @@ def check_seeds(seeds: int | None, flag: str = "--seeds") -> None:
         raise ValueError(f"{flag}: must be an integer, got {seeds!r}; allowed: [1, {MAX_SEEDS}]")
 
 
+#: what ``gradsparse check --out DIR`` writes into DIR (anything else there is someone else's)
+CHECK_OUTPUTS = ("plan.json", "report.json", "report.md", "runs", "series", "figures")
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """The entries of folder ``out`` that a check report does not write (sorted names; [] for a
+    missing or empty folder): the report files, ``runs/``, ``series/``, ``figures/``, a check's
+    ``*.error.txt`` and the temp files of atomic writes (``.NAME.tmp``) are a report's own."""
+    if not out.is_dir():
+        return []
+    return sorted(e.name for e in out.iterdir()
+                  if e.name not in CHECK_OUTPUTS and not e.name.endswith(".error.txt")
+                  and not (e.name.startswith(".") and e.name.endswith(".tmp")))
+
+
 def _previous(out: Path, preset: str, seeds: list[int], overwrite: bool):
     """(meta, results) of the report in ``out`` to merge into, or (None, []) for a new report."""
     from theory_checks.report import read_report
@@ -149,6 +164,11 @@ def _previous(out: Path, preset: str, seeds: list[int], overwrite: bool):
         raise ValueError(f"--out {out}: {e}; pass --overwrite to replace that report, or choose another "
                          "folder") from None
     if old is None:
+        foreign = foreign_entries(out)
+        if foreign:
+            raise ValueError(f"--out {out} is not empty and holds no check report ({', '.join(foreign[:5])}"
+                             f"{', ...' if len(foreign) > 5 else ''}); choose a fresh folder, or pass --overwrite to "
+                             "write the report beside those files")
         return None, []
     meta, results = old
     if meta.get("preset") != preset or meta.get("seeds") != seeds:
