@@ -15,6 +15,15 @@ def path_arg(text: str) -> Path:
     return Path(text)
 
 
+def add_run_folder_flags(p: argparse.ArgumentParser, *, overwrite: str, resume: str, skip_damaged: str) -> None:
+    """The flags of every command that writes a run folder: --overwrite, --resume, --skip-damaged
+    (each with the command's own help text) and --quiet."""
+    p.add_argument("--overwrite", action="store_true", help=overwrite)
+    p.add_argument("--resume", action="store_true", help=resume)
+    p.add_argument("--skip-damaged", action="store_true", help=skip_damaged)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def check_run_out(out: Path, *, resume: bool, overwrite: bool, skip_damaged: bool = False) -> None:
     """The checks every command that writes a run folder makes of ``--out`` and its flags, before
     anything is read: --out is a folder (or absent), --resume and --overwrite exclude each other,

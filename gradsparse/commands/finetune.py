@@ -29,7 +29,7 @@ from pathlib import Path
 
 from gradsparse._validate import check_float, check_int
 from gradsparse.checkpoint import load_model, resolve
-from gradsparse.commands import check_run_out, path_arg
+from gradsparse.commands import add_run_folder_flags, check_run_out, path_arg
 from gradsparse.commands import relufy as relufy_command
 from gradsparse.commands.relufy import add_distill_arguments, is_hf_bert_folder
 from gradsparse.commands.train import run_summary
@@ -79,12 +79,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default: the rank)")
     p.add_argument("--seed", type=int, help="data-order seed (default: the parent run's)")
     p.add_argument("--log-every", type=int, help="log every k steps (default: the parent run's)")
-    p.add_argument("--overwrite", action="store_true", help="allow writing into a folder that holds a run")
-    p.add_argument("--resume", action="store_true",
-                   help="continue a finetuning run in --out from its last checkpoint (same arguments as the first call)")
-    p.add_argument("--skip-damaged", action="store_true",
-                   help="with --resume: start from the newest intact checkpoint when later ones are damaged")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_folder_flags(p, overwrite="allow writing into a folder that holds a run",
+                         resume="continue a finetuning run in --out from its last checkpoint (same arguments as the "
+                                "first call)",
+                         skip_damaged="with --resume: start from the newest intact checkpoint when later ones are damaged")
     g = p.add_argument_group("Hugging Face BERT folder (relufication by distillation; its own command now: "
                              "gradsparse relufy HF_FOLDER takes these flags)")
     g.add_argument("--distill", action="store_true",

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from gradsparse.commands import check_run_out, path_arg
+from gradsparse.commands import add_run_folder_flags, check_run_out, path_arg
 from gradsparse.relufy import DISTILL_ACTIVATIONS, DISTILL_MODULES, DistillConfig, relufy
 from gradsparse.runfolder import check_out
 
@@ -80,12 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zeroth-bias-clip", type=float, help="clip |b0| <= c |gamma| (default 0.1)")
     p.add_argument("--fuse-steps", type=int, help="plain steps fused into one compiled loop between log points "
                                                    "(default 16)")
-    p.add_argument("--overwrite", action="store_true", help="allow writing into a folder that holds a run")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint (same arguments as the first call)")
-    p.add_argument("--skip-damaged", action="store_true",
-                   help="with --resume: start from the newest intact checkpoint when later ones are damaged")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_folder_flags(p, overwrite="allow writing into a folder that holds a run",
+                         resume="continue the run in --out from its last checkpoint (same arguments as the first call)",
+                         skip_damaged="with --resume: start from the newest intact checkpoint when later ones are damaged")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ import json
 import sys
 from pathlib import Path
 
-from gradsparse.commands import check_run_out, path_arg
+from gradsparse.commands import add_run_folder_flags, check_run_out, path_arg
 from gradsparse.config import MODELS, NOISE_KINDS, OPTIMIZERS, SCHEDULES, TrainConfig, check_resumable
 from gradsparse import data
 from gradsparse.data import DATASETS
@@ -90,15 +90,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=conv, metavar=name.upper(),
                        help=f"{_FIELD_HELP.get(name, name.replace('_', ' '))} (default {getattr(d, name)})")
     p.add_argument("--out", type=path_arg, required=True, help="run folder to write (must not hold a run already)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run in --out (its checkpoints, log and summary are removed)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its latest checkpoint (config from RUN/config.json; "
-                        "only --steps may differ, to extend a constant-schedule run)")
-    p.add_argument("--skip-damaged", action="store_true",
-                   help="with --resume: start from the newest intact checkpoint when later ones are damaged "
-                        "(they are kept as *.damaged; the log is cut back)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_folder_flags(p, overwrite="replace the run in --out (its checkpoints, log and summary are removed)",
+                         resume="continue the run in --out from its latest checkpoint (config from RUN/config.json; "
+                                "only --steps may differ, to extend a constant-schedule run)",
+                         skip_damaged="with --resume: start from the newest intact checkpoint when later ones are "
+                                      "damaged (they are kept as *.damaged; the log is cut back)")
 
 
 def given_fields(args: argparse.Namespace) -> dict:
