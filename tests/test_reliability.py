@@ -492,6 +492,15 @@ def test_real_sigint_saves_a_checkpoint(tmp_path):
 def test_a_sigint_stops_the_loop_at_the_next_step_and_is_never_lost(tmp_path, ref):
     """A real SIGINT during a run is taken at the next entry of the step plan (a KeyboardInterrupt
     raised where the signal lands could be swallowed, e.g. inside a garbage-collector callback)."""
+    # Python's own handler, as in an interactive run (a shell starts background jobs with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _sigint_run(tmp_path, ref)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _sigint_run(tmp_path, ref):
     def sigint_at_3(rec):
         if rec["step"] == 3:
             os.kill(os.getpid(), signal.SIGINT)  # handled by the loop: nothing raised here
