@@ -108,3 +108,22 @@ def test_check_refuses_a_folder_of_someone_elses_files(tmp_path, capsys):
     for name in ("plan.json", "G4.error.txt", ".report.json.1234.tmp"):
         (own / name).write_text("")
     assert foreign_entries(own) == [] and foreign_entries(tmp_path / "missing") == []
+
+
+def test_figures_refuses_an_out_folder_of_other_files(tmp_path, capsys):
+    """`figures --out` into a folder holding more than figures is refused before anything is drawn
+    or trained; PNG/PDF files, figures.json and the --work report inside it are a figure folder's own."""
+    from gradsparse.commands.figures import foreign_figure_entries
+
+    out = tmp_path / "figs"
+    out.mkdir()
+    (out / "a.png").write_bytes(b"")
+    (out / "figures.json").write_text("{}")
+    (out / "check").mkdir()
+    assert foreign_figure_entries(out, out / "check") == []
+    assert foreign_figure_entries(out) == ["check"]
+    (out / "thesis.tex").write_text("keep me")
+    assert main(["figures", "--from", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds files that are not figures (check, thesis.tex)" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "check", "figures.json", "thesis.tex"]

@@ -50,9 +50,28 @@ def announce(args: argparse.Namespace) -> str:
             f"`--from DIR` draws from a finished `gradsparse check` report instead")
 
 
+def foreign_figure_entries(out: Path, work: Path | None = None) -> list[str]:
+    """The entries of folder ``out`` that are not figures (sorted names; [] for a missing folder):
+    PNG and PDF files, ``figures.json``, the temp files of atomic writes and the ``--work`` report
+    folder when it lies in ``out`` are a figure folder's own."""
+    if not out.is_dir():
+        return []
+    own_work = work.resolve() if work is not None else None
+    return sorted(e.name for e in out.iterdir()
+                  if not (e.is_file() and e.suffix.lower() in (".png", ".pdf"))
+                  and e.name != "figures.json" and not (e.name.startswith(".") and e.name.endswith(".tmp"))
+                  and not (own_work is not None and e.resolve() == own_work))
+
+
 def run(args: argparse.Namespace) -> int:
     if args.source is None:
         check_seeds(args.seeds)
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} exists and is not a folder")
+    foreign = foreign_figure_entries(args.out, args.work if args.source is None else None)
+    if foreign:
+        raise ValueError(f"--out {args.out} holds files that are not figures ({', '.join(foreign[:5])}"
+                         f"{', ...' if len(foreign) > 5 else ''}); choose a fresh folder for the figures")
     print(announce(args), file=sys.stderr, flush=True)  # at once: before the checks (and JAX's models) load
     # here, not at the top: the checks import the whole library, and `gradsparse --help` stays fast
     from theory_checks.report import README_FIGURES, readme_figures
