@@ -67,9 +67,9 @@ class Distill(eqx.Module):
         return loss, {"cosine_loss": l_cos, "hidden_mse": l_hid, "blocks": s_aux, "mask": mask.reshape(-1)}
 
 
-def token_batch(tokenizer: SentenceTokenizer, sentences: list[str], seq_len: int) -> tuple[Array, Array, Array]:
-    """The objective's batch of ``sentences``, padded to ``seq_len`` tokens."""
-    b = tokenizer(sentences, pad_to_multiple_of=seq_len)
+def batch_arrays(b: dict[str, Any]) -> tuple[Array, Array, Array]:
+    """The objective's batch from a tokenizer's output: (input_ids, attention_mask, token_type_ids)
+    as device arrays, each (B, T)."""
     return tuple(jnp.asarray(b[k]) for k in FIELDS)
 
 
@@ -98,7 +98,7 @@ class HeldOut:
             b = tokenizer(chunk + [sentences[0]] * (eval_batch - len(chunk)), pad_to_multiple_of=seq_len)
             count = b["attention_mask"].copy()
             count[len(chunk):] = 0
-            self.batches.append((len(chunk), tuple(jnp.asarray(b[k]) for k in FIELDS), jnp.asarray(count)))
+            self.batches.append((len(chunk), batch_arrays(b), jnp.asarray(count)))
         self.teacher_emb, _, self.teacher_positive = self(teacher)
 
     def __call__(self, model: BertEncoder) -> tuple[np.ndarray, list[float], list[float]]:

@@ -55,7 +55,7 @@ from gradsparse.loop import Loop
 from gradsparse.models.bert import BertEncoder
 from gradsparse.relufy.build import build_distill
 from gradsparse.relufy.config import DistillConfig
-from gradsparse.relufy.objective import FIELDS, Distill, HeldOut, _mean
+from gradsparse.relufy.objective import FIELDS, Distill, HeldOut, _mean, batch_arrays
 from gradsparse.runfolder import Resume, RunFolder
 from gradsparse.step import make_train_chunk, make_train_step
 
@@ -99,7 +99,7 @@ class _Task:
     def batch(self, s: int) -> tuple[Any, ...]:
         b = sentence_batch(self.tok, self.sents, self.data_key, s, self.cfg.batch_size,
                            pad_to_multiple_of=self.cfg.seq_len)
-        return tuple(jnp.asarray(b[k]) for k in FIELDS)
+        return batch_arrays(b)
 
     def plain(self, model: Any, state: Any, s: int) -> tuple[Any, Any, Any]:
         m, st, _, finite = self.plain_step(model, state, self.batch(s), self.noise, jnp.asarray(s, jnp.int32))
