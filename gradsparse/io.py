@@ -139,3 +139,18 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def is_temp_file(p: Path) -> bool:
+    """Whether ``p`` is named as the temp file of an atomic write (``.NAME.XXXX.tmp``)."""
+    return p.name.startswith(".") and p.name.endswith(".tmp")
+
+
+def foreign_entries(folder: Path, is_own: Callable[[Path], bool]) -> list[str]:
+    """The sorted names of the entries of ``folder`` that are not its kind of output: neither
+    claimed by ``is_own`` nor temp files of atomic writes ([] for a missing folder). A command
+    refuses to write into a folder where this is not empty."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if not is_own(p) and not is_temp_file(p))

@@ -49,7 +49,7 @@ from gradsparse._validate import check_bool
 from gradsparse.checkpoint import (CheckpointDamaged, checkpoint_path, list_checkpoints, read_header, read_leaves,
                                    save_checkpoint)
 from gradsparse.config import RunConfig, TrainConfig
-from gradsparse.io import atomic_write_bytes, atomic_write_json, with_target
+from gradsparse.io import atomic_write_bytes, atomic_write_json, foreign_entries, is_temp_file, with_target
 
 try:  # POSIX advisory locks; elsewhere a run folder is not locked
     import fcntl
@@ -132,16 +132,9 @@ def run_contents(out: str | os.PathLike) -> list[str]:
     return found
 
 
-def _is_temp(p: Path) -> bool:
-    return p.name.startswith(".") and p.name.endswith(".tmp")
-
-
 def other_files(out: str | os.PathLike) -> list[str]:
     """Entries of ``out`` that are no part of a run (not :data:`RUN_FILES`, the lock or temp files)."""
-    out = Path(out)
-    if not out.is_dir():
-        return []
-    return sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES and p.name != ".lock" and not _is_temp(p))
+    return foreign_entries(Path(out), lambda p: p.name in RUN_FILES or p.name == ".lock")
 
 
 def refuse_existing_run(out: str | os.PathLike, flag: str = "--out") -> None:
@@ -430,7 +423,7 @@ def remove_temp_files(out: Path) -> None:
     for folder in (out, out / "checkpoints"):
         if folder.is_dir():
             for p in folder.iterdir():
-                if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+                if is_temp_file(p) and p.is_file():
                     p.unlink(missing_ok=True)
 
 

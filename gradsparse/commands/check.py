@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from gradsparse.commands import path_arg
+from gradsparse.io import foreign_entries as io_foreign_entries
 
 DEFAULT_OUT = Path("runs/check")
 #: the most seeds one invocation may ask for
@@ -136,11 +137,7 @@ def foreign_entries(out: Path) -> list[str]:
     """The entries of folder ``out`` that a check report does not write (sorted names; [] for a
     missing or empty folder): the report files, ``runs/``, ``series/``, ``figures/``, a check's
     ``*.error.txt`` and the temp files of atomic writes (``.NAME.tmp``) are a report's own."""
-    if not out.is_dir():
-        return []
-    return sorted(e.name for e in out.iterdir()
-                  if e.name not in CHECK_OUTPUTS and not e.name.endswith(".error.txt")
-                  and not (e.name.startswith(".") and e.name.endswith(".tmp")))
+    return io_foreign_entries(out, lambda p: p.name in CHECK_OUTPUTS or p.name.endswith(".error.txt"))
 
 
 def _previous(out: Path, preset: str, seeds: list[int], overwrite: bool):

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from gradsparse.commands import path_arg
+from gradsparse.io import foreign_entries
 from gradsparse.commands.check import QUICK_SECONDS, _previous, cache_is_cold, check_seeds, expected_time
 
 DEFAULT_OUT = Path("runs/figures")
@@ -54,13 +55,9 @@ def foreign_figure_entries(out: Path, work: Path | None = None) -> list[str]:
     """The entries of folder ``out`` that are not figures (sorted names; [] for a missing folder):
     PNG and PDF files, ``figures.json``, the temp files of atomic writes and the ``--work`` report
     folder when it lies in ``out`` are a figure folder's own."""
-    if not out.is_dir():
-        return []
     own_work = work.resolve() if work is not None else None
-    return sorted(e.name for e in out.iterdir()
-                  if not (e.is_file() and e.suffix.lower() in (".png", ".pdf"))
-                  and e.name != "figures.json" and not (e.name.startswith(".") and e.name.endswith(".tmp"))
-                  and not (own_work is not None and e.resolve() == own_work))
+    return foreign_entries(out, lambda e: (e.is_file() and e.suffix.lower() in (".png", ".pdf"))
+                           or e.name == "figures.json" or (own_work is not None and e.resolve() == own_work))
 
 
 def run(args: argparse.Namespace) -> int:
