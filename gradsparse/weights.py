@@ -60,6 +60,8 @@ in float64 can still be analysed matrix by matrix); hold the result if you need 
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import importlib
 import json
 import os
@@ -86,6 +88,10 @@ __all__ = [
     "weight_matrices",
     "from_tensors",
     "names_by_reason",
+    "inside_folder",
+    "check_readable",
+    "shard_files",
+    "short_name",
 ]
 
 SUPPORTED = (
@@ -100,6 +106,7 @@ ROLES = ("key", "value", "attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv", "em
 LAYOUTS = ("auto", "linear", "conv1d")
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt")
 _CONV1D_NAMES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 _SPLIT_QKV = frozenset({"c_attn", "qkv", "qkv_proj", "wqkv", "in_proj_weight", "in_proj"})
@@ -169,6 +176,90 @@ class WeightSet(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
+def inside_folder(folder: str | os.PathLike, name: Any, what: str) -> Path:
+    """``folder / name`` for a file name read from a file inside ``folder`` (a shard of an index's
+    ``weight_map``, a module path of ``modules.json``), checked before anything is opened.
+
+    ``name`` must be a non-empty relative path that stays inside ``folder`` after normalisation
+    (no absolute path, no ``..`` that leaves it); ValueError naming ``what`` otherwise. Only the
+    name is checked: a file inside the folder that is a symlink (the Hugging Face cache links its
+    snapshots into a blobs folder) stays readable.
+    """
+    if not isinstance(folder, (str, os.PathLike)):
+        raise ValueError(f"folder: must be a str or path, got {type(folder).__name__}")
+    if not isinstance(what, str) or not what:
+        raise ValueError(f"what: must be a non-empty str naming where the name comes from, got {what!r}")
+    allowed = f"allowed: a relative path inside {folder}"
+    if not isinstance(name, str) or not name.strip() or "\x00" in name:
+        raise ValueError(f"{what}: {str(name)[:120]!r} is not a file name; {allowed}")
+    norm = os.path.normpath(name)
+    if os.path.isabs(name) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        raise ValueError(f"{what}: {name[:120]!r} points outside the model folder {folder}; {allowed} "
+                         "(no absolute path, no '..' that leaves it)")
+    return Path(folder) / norm
+
+
+def _nbytes(n: int) -> str:
+    """``n`` bytes in the largest binary unit that keeps the number >= 1 ("4.0 TiB")."""
+    for unit, k in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << k:
+            return f"{n / (1 << k):.1f} {unit}"
+    return f"{n} bytes"
+
+
+def check_readable(path: str | os.PathLike) -> None:
+    """Nothing when ``path`` exists (following symlinks); FileNotFoundError when nothing is there;
+    ValueError for a symlink loop or a symlink to nothing (each named as such)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path: must be a str or path, got {type(path).__name__}")
+    p = Path(path)
+    try:
+        os.stat(p)
+        return
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            target = f" (it points to {os.readlink(p)!r})" if p.is_symlink() else ""
+            raise ValueError(f"{p} is a symlink loop{target}: a link that leads back to itself; "
+                             "replace it with the file or a link to the file") from None
+        if p.is_symlink():
+            raise ValueError(f"{p} is a broken symlink: it points to {os.readlink(p)!r}, which does not exist") from None
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise
+    raise FileNotFoundError(f"no file or folder at {p}")
+
+
+def short_name(name: str, limit: int = 120) -> str:
+    """``name`` when it has at most ``limit`` characters, else a readable prefix, '-' and 12 hex
+    digits of the SHA-256 of the whole name (distinct names stay distinct): for file names made
+    from tensor names, which a file system limits to 255 bytes."""
+    if not isinstance(name, str):
+        raise ValueError(f"name: must be a str, got {type(name).__name__}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 20:
+        raise ValueError(f"limit: must be an int >= 20, got {limit!r}")
+    if len(name.encode("utf-8")) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:12]
+    head = name.encode("utf-8")[:limit - 13].decode("utf-8", "ignore")
+    return f"{head}-{digest}"
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _sniff_torch(p: Path) -> None:
+    """ValueError unless ``p`` starts as PyTorch writes: a zip archive or a pickle (protocol 2-5)."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+        size = p.stat().st_size
+    except OSError as e:
+        raise ValueError(f"{p}: cannot be read ({e.strerror or type(e).__name__})") from None
+    if head[:4] == _ZIP_MAGIC or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return
+    what = "it is empty" if size == 0 else f"{size} bytes that are neither a zip archive nor a pickle, as PyTorch writes"
+    raise ValueError(f"{p} is not a readable model file ({what})")
+
+
 def _unsupported(path: Path, why: str) -> ValueError:
     return ValueError(f"{path}: {why}; supported: " + "; ".join(SUPPORTED))
 
@@ -190,13 +281,13 @@ def detect_format(path: str | os.PathLike) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"path: must be a str or path, got {type(path).__name__}; allowed: " + "; ".join(SUPPORTED))
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"no file or folder at {p}")
+    check_readable(p)
     if p.is_dir():
         if (p / "checkpoints").is_dir():
             return "gradsparse"
-        for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                     "pytorch_model.bin.index.json"):
+        for name in _HF_WEIGHTS:
+            if (p / name).is_symlink():
+                check_readable(p / name)  # a symlink loop or a broken link is named, not taken for "no weights"
             if (p / name).is_file():
                 return "hf"
         found = sorted(x.name for x in p.iterdir() if x.suffix in (".safetensors", ".npz", ".eqx") + _TORCH_SUFFIXES)
@@ -213,6 +304,7 @@ def detect_format(path: str | os.PathLike) -> str:
     if suffix == ".npz":
         return "npz"
     if suffix in _TORCH_SUFFIXES:
+        _sniff_torch(p)
         return "torch"
     if suffix == ".eqx" or _is_gradsparse_checkpoint(p):
         return "gradsparse"
@@ -258,27 +350,74 @@ def _dict_store(arrays: Mapping[str, Any], fmt: str, files: list[str]) -> _Store
     return _Store(meta, lambda k: np.asarray(arrays[k]), fmt, files)
 
 
+#: bytes per element of the safetensors dtypes
+_ST_ITEMSIZE = {"bool": 1, "u8": 1, "i8": 1, "f8_e4m3": 1, "f8_e5m2": 1, "i16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "i32": 4, "u32": 4, "f32": 4, "i64": 8, "u64": 8, "f64": 8}
+#: the largest safetensors header read (the format's own limit is 100 MB)
+_ST_MAX_HEADER = 1 << 27
+
+
+def _damaged(p: Path, why: str) -> ValueError:
+    return ValueError(f"{p} is truncated or damaged ({why})")
+
+
 def _safetensors_meta(p: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Shapes and dtypes from the file's JSON header (8-byte little-endian length, then JSON)."""
+    """Shapes and dtypes from the file's JSON header (8-byte little-endian length, then JSON), every
+    tensor's byte range checked against the file's size. ValueError in one line that never shows
+    the bytes of a file it refuses."""
     try:
+        size = p.stat().st_size
         with open(p, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not (0 < n < 1 << 27):
-                raise ValueError(f"header length {n} out of range")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p} is not a readable .safetensors file ({e})") from None
+            raw_n = f.read(8)
+            if len(raw_n) < 8:
+                raise _damaged(p, f"{size} bytes, a safetensors file starts with an 8-byte header length")
+            n = int.from_bytes(raw_n, "little")
+            if not 2 <= n <= _ST_MAX_HEADER:
+                raise ValueError(f"{p} is not a readable .safetensors file (its first 8 bytes are not a plausible header length)")
+            if 8 + n > size:
+                raise _damaged(p, f"{size} bytes, its header needs {8 + n}")
+            text = f.read(n)
+    except OSError as e:
+        raise ValueError(f"{p}: cannot be read ({e.strerror or type(e).__name__})") from None
+    try:
+        header = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ValueError(f"{p} is not a readable .safetensors file (its header is not UTF-8 JSON)") from None
     if not isinstance(header, dict):
         raise ValueError(f"{p} is not a readable .safetensors file (header is not an object)")
     out = {}
+    end = 0
     for k, v in header.items():
         if k == "__metadata__":
             continue
         try:
-            out[k] = (tuple(int(d) for d in v["shape"]), str(v["dtype"]).lower())
+            shape = tuple(int(d) for d in v["shape"])
+            dtype = str(v["dtype"]).lower()
+            lo, hi = (int(x) for x in v["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{p}: malformed safetensors header entry {k!r}") from None
+            raise ValueError(f"{p}: malformed safetensors header entry {k[:120]!r}") from None
+        if any(d < 0 for d in shape) or not 0 <= lo <= hi:
+            raise ValueError(f"{p}: malformed safetensors header entry {k[:120]!r} (negative size or offsets)")
+        need = int(np.prod(shape, dtype=object)) * _ST_ITEMSIZE.get(dtype, 1)
+        if dtype in _ST_ITEMSIZE and hi - lo != need:
+            raise _damaged(p, f"its header gives tensor {k[:120]!r} of shape {shape} {hi - lo} bytes, "
+                              f"the shape needs {need}")
+        end = max(end, hi)
+        out[k] = (shape, dtype)
+    if 8 + n + end > size:
+        raise _damaged(p, f"its header claims {_nbytes(8 + n + end)} ({8 + n + end} bytes) for a file of "
+                          f"{size} bytes")
     return out
+
+
+def _read_error(name: str, path: Path, e: BaseException) -> ValueError:
+    """One line in gradsparse's words for a tensor the safetensors reader could not return."""
+    if isinstance(e, MemoryError):
+        return ValueError(f"cannot read tensor {name[:120]!r} from {path}: not enough memory")
+    if isinstance(e, OSError):
+        return ValueError(f"cannot read tensor {name[:120]!r} from {path}: {e.strerror or type(e).__name__}")
+    return ValueError(f"cannot read tensor {name[:120]!r} from {path}: the file is damaged or was changed while "
+                      "being read (it does not follow the safetensors format)")
 
 
 def _safetensors_reader(files: Mapping[str, Path]) -> Callable[[str], np.ndarray]:
@@ -287,8 +426,8 @@ def _safetensors_reader(files: Mapping[str, Path]) -> Callable[[str], np.ndarray
         try:
             with safe_open(str(path), framework="np") as f:
                 return f.get_tensor(name)
-        except Exception as e:  # the Rust reader raises its own error types
-            raise ValueError(f"cannot read tensor {name!r} from {path}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - the Rust reader raises its own error types
+            raise _read_error(name, path, e) from None
 
     return get
 
@@ -299,20 +438,32 @@ def _safetensors_store(p: Path) -> _Store:
 
 
 def _index_map(p: Path) -> dict[str, Path]:
+    """``{tensor: shard path}`` of a sharded index; every shard name is checked to stay inside the
+    index's folder (:func:`inside_folder`) before any shard is opened."""
     try:
         index = json.loads(p.read_text(encoding="utf-8"))
         wmap = index["weight_map"]
         if not isinstance(wmap, dict):
             raise TypeError("weight_map is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{p} is not a sharded-checkpoint index (need a 'weight_map' object: {e})") from None
-    out = {}
-    for name, shard in wmap.items():
-        f = p.parent / str(shard)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        why = "not UTF-8 JSON" if isinstance(e, (UnicodeDecodeError, RecursionError)) else str(e)
+        raise ValueError(f"{p} is not a sharded-checkpoint index (need a 'weight_map' object: {why})") from None
+    out = {str(name): inside_folder(p.parent, shard, f"{p}: shard of {str(name)[:120]!r}")
+           for name, shard in wmap.items()}
+    for name, f in out.items():
+        if f.is_symlink():
+            check_readable(f)
         if not f.is_file():
-            raise FileNotFoundError(f"{p}: shard {shard!r} of {name!r} is missing ({f})")
-        out[str(name)] = f
+            raise FileNotFoundError(f"{p}: shard {str(wmap[name])!r} of {name[:120]!r} is missing ({f})")
     return out
+
+
+def shard_files(index: str | os.PathLike) -> list[Path]:
+    """The shard files of a sharded index (``model.safetensors.index.json``), sorted, each once;
+    every name checked as :func:`inside_folder` says. ValueError / FileNotFoundError in one line."""
+    if not isinstance(index, (str, os.PathLike)):
+        raise ValueError(f"index: must be a str or path, got {type(index).__name__}")
+    return sorted(set(_index_map(Path(index)).values()))
 
 
 def _safetensors_index_store(p: Path) -> _Store:

@@ -329,7 +329,7 @@ def test_torch_state_dict_loaded_with_weights_only(tmp_path):
 
 def test_torch_missing_gives_one_line_naming_pip_install(tmp_path, monkeypatch, capsys):
     path = tmp_path / "pytorch_model.bin"
-    path.write_bytes(b"not read: torch is missing")
+    path.write_bytes(b"PK\x03\x04 not read: torch is missing")  # zip magic, as torch.save writes
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     with pytest.raises(ValueError, match=r"pip install torch"):
         weights.read_tensors(path)
@@ -339,7 +339,7 @@ def test_torch_missing_gives_one_line_naming_pip_install(tmp_path, monkeypatch, 
     folder = tmp_path / "hf_bin"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    (folder / "pytorch_model.bin").write_bytes(b"x")
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x02x")  # a pickle's first bytes
     assert cli.main(["spectrum", str(folder), "--no-figures"]) == 2
     assert "pip install torch" in capsys.readouterr().err
 

@@ -83,6 +83,9 @@ _NORM_EPS = 1e-12  # torch.nn.functional.normalize
 def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
     """All tensors of a Hugging Face folder (:func:`gradsparse.weights.read_tensors`: model.safetensors
     or the shards of model.safetensors.index.json), bfloat16 widened to float32."""
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        if (folder / name).is_symlink():
+            weights.check_readable(folder / name)  # a symlink loop or broken link is named as such
     if not ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()):
         present = sorted(p.name for p in folder.iterdir())[:12]
         raise ValueError(f"{folder}: no model.safetensors or model.safetensors.index.json (found: {present}); "
@@ -97,8 +100,7 @@ def _weight_files(folder: Path) -> list[Path]:
     single = folder / "model.safetensors"
     if single.is_file():
         return [single]
-    wmap = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
-    return [folder / s for s in sorted(set(wmap.values()))]
+    return weights.shard_files(folder / "model.safetensors.index.json")
 
 
 def _sha256(files: Sequence[Path]) -> str:
@@ -215,7 +217,7 @@ def _pooling(folder: Path) -> tuple[str, bool, list[str]]:
         if short == "Normalize":
             normalize = True
         elif short == "Pooling":
-            pcfg_path = folder / str(m.get("path", "")) / "config.json"
+            pcfg_path = weights.inside_folder(folder, m.get("path"), f"{mfile}: the Pooling module's path") / "config.json"
             if not pcfg_path.is_file():
                 raise ValueError(f"{mfile} lists a Pooling module but {pcfg_path} does not exist")
             pcfg = _read_json(pcfg_path)
@@ -524,6 +526,10 @@ class _Weights:
             raise ValueError(f"{self.folder}: weight {name!r} has shape {tuple(v.shape)}, config.json implies {shape}")
         if not np.issubdtype(v.dtype, np.floating):
             raise ValueError(f"{self.folder}: weight {name!r} has dtype {v.dtype}; allowed: floating point")
+        bad = int(v.size - np.count_nonzero(np.isfinite(v)))
+        if bad:
+            raise ValueError(f"{self.folder}: weight {name!r} holds {bad} NaN or inf entries; allowed: finite weights "
+                             "(the folder's weights are damaged)")
         self.used.add(name)
         return jnp.asarray(v, jnp.float32)
 
@@ -589,6 +595,8 @@ def load_bert(folder: str | Path, *, activation: str | Activation | None = None
     """
     folder = Path(folder)
     if not folder.exists():
+        if folder.is_symlink():
+            weights.check_readable(folder)  # names a symlink loop or a broken link
         raise FileNotFoundError(f"no model folder at {folder}")
     if not folder.is_dir():
         raise ValueError(f"{folder} is a file; allowed: a Hugging Face model folder (config.json, model.safetensors)")
