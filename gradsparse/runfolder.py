@@ -158,28 +158,76 @@ def check_out(out: str | os.PathLike, flag: str = "--out") -> None:
                          "or pass --overwrite to write the run beside these files (they are kept)")
 
 
+#: what a damaged run folder's refusal offers
+START_OVER = "--overwrite starts the run over (its checkpoints and log are removed)"
+
+
 def _read_json_file(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"{path} ({what}) is unreadable or not valid JSON ({type(e).__name__}: {e}); "
-                         "the run folder is damaged") from None
+                         f"the run folder is damaged; {START_OVER}") from None
+
+
+def run_kind(out: str | os.PathLike) -> tuple[str, str | None] | None:
+    """What kind of run ``out/config.json`` records: ``("relufication", model folder)`` when it
+    names a ``model_folder`` (:mod:`gradsparse.relufy`), ``("training", None)`` for any other
+    JSON object, None when there is no readable config.json. Reads nothing else."""
+    if not isinstance(out, (str, os.PathLike)):
+        raise ValueError(f"out: must be a str or path, got {type(out).__name__}")
+    try:
+        stored = json.loads((Path(out) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(stored, dict):
+        return None
+    if "model_folder" in stored:
+        folder = stored["model_folder"]
+        return "relufication", folder if isinstance(folder, str) else None
+    return "training", None
+
+
+def continue_command(out: str | os.PathLike) -> str | None:
+    """The command that continues the run in ``out`` (from :func:`run_kind`), or None."""
+    kind = run_kind(out)
+    if kind is None:
+        return None
+    if kind[0] == "relufication":
+        return f"gradsparse relufy {kind[1] or 'HF_FOLDER'} --out {out} --resume"
+    return f"gradsparse train --out {out} --resume"
+
+
+def _other_kind(out: Path, cls: type[RunConfig]) -> str | None:
+    """A line for a run folder of another kind than ``cls`` reads, naming the command for it."""
+    kind = run_kind(out)
+    wants_model = "model_folder" in getattr(cls, "__dataclass_fields__", {})
+    if kind is None or (kind[0] == "relufication") == wants_model:
+        return None
+    return f"{out} holds a {kind[0]} run, not a {'relufication' if wants_model else 'training'} run; " \
+           f"continue it with: {continue_command(out)}"
 
 
 def stored_config(out: Path, cls: type[RunConfig] = TrainConfig) -> RunConfig | None:
     """The validated ``out/config.json`` read as ``cls``, or None when the folder holds none
-    (nothing started)."""
+    (nothing started). A run of another kind (a relufication run read as a training run, or the
+    reverse) is refused naming the command that continues it."""
     path = Path(out) / "config.json"
     if not path.exists():
         return None
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{path} is not readable JSON ({type(e).__name__}: {e}); the run folder is damaged") from None
+        raise ValueError(f"{path} is not readable JSON ({type(e).__name__}: {e}); the run folder is damaged "
+                         f"and cannot be resumed; {START_OVER}") from None
+    other = _other_kind(Path(out), cls)
+    if other is not None:
+        raise ValueError(other)
     try:
         return cls.from_dict(stored)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{path} is not a valid config ({e}); the run folder is damaged") from None
+        raise ValueError(f"{path} is not a valid config ({e}); the run folder is damaged and cannot be resumed; "
+                         f"{START_OVER}") from None
 
 
 def _json_norm(v: Any) -> Any:
@@ -361,21 +409,21 @@ def resume_log(path: Path, loop: dict[str, Any], c: int, cfg: Any) -> tuple[list
     if isinstance(n, int) and not isinstance(n, bool):
         if len(complete) < n:
             raise ValueError(f"{path} holds {len(complete)} complete lines but the checkpoint at step {c} was saved "
-                             f"after {n}; the log lost lines and the run cannot be resumed faithfully")
+                             f"after {n}; the log lost lines and the run cannot be resumed faithfully; {START_OVER}")
         digest = hashlib.sha256(b"".join(line + b"\n" for line in complete[:n])).hexdigest()
         if digest != loop.get("log_sha256"):
             raise ValueError(f"{path}: its first {n} lines differ from those written before the checkpoint at step "
-                             f"{c}; the log was changed and the run cannot be resumed faithfully")
+                             f"{c}; the log was changed and the run cannot be resumed faithfully; {START_OVER}")
         complete = complete[:n]
     lines, records = [], []
     for i, line in enumerate(complete):
         try:
             rec = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            raise ValueError(f"{path} line {i + 1} is not valid JSON; the log is damaged") from None
+            raise ValueError(f"{path} line {i + 1} is not valid JSON; the log is damaged; {START_OVER}") from None
         s = rec.get("step") if isinstance(rec, dict) else None
         if not isinstance(s, int) or isinstance(s, bool):
-            raise ValueError(f"{path} line {i + 1} has no integer 'step'; the log is damaged")
+            raise ValueError(f"{path} line {i + 1} has no integer 'step'; the log is damaged; {START_OVER}")
         if s >= c:
             break
         if logged(s, cfg):
@@ -388,7 +436,7 @@ def resume_log(path: Path, loop: dict[str, Any], c: int, cfg: Any) -> tuple[list
     if got != expected:
         show = lambda v: v if len(v) <= 8 else v[:4] + ["..."] + v[-3:]  # noqa: E731
         raise ValueError(f"{path} logs steps {show(got)} before the checkpoint at step {c}, expected {show(expected)}; "
-                         "the log is damaged and the run cannot be resumed faithfully")
+                         f"the log is damaged and the run cannot be resumed faithfully; {START_OVER}")
     return lines, records
 
 

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 
 from gradsparse.commands import add_run_folder_flags, check_run_out, path_arg
+from gradsparse.commands.train import diverged
+from gradsparse.errors import TrainingDiverged
 from gradsparse.relufy import DISTILL_ACTIVATIONS, DISTILL_MODULES, DistillConfig, relufy
 from gradsparse.runfolder import check_out
 
@@ -113,8 +115,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} lies inside the model folder {folder}; choose a folder outside it")
     if not (args.overwrite or args.resume):
         check_out(out)  # early, before the model is read; the run folder checks again once it holds the lock
-    res = relufy(cfg, out, resume=args.resume, progress=not args.quiet and sys.stderr.isatty(),
-                 overwrite=args.overwrite, skip_damaged=args.skip_damaged)
+    try:
+        res = relufy(cfg, out, resume=args.resume, progress=not args.quiet and sys.stderr.isatty(),
+                     overwrite=args.overwrite, skip_damaged=args.skip_damaged)
+    except TrainingDiverged as e:
+        raise diverged(e, out, cfg.lr) from None
     if res.already_complete:
         print(f"{out}: the run is already complete ({cfg.steps} steps); nothing to do")
         return 0

@@ -107,6 +107,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--max-checkpoints", type=int, default=20,
                         help="checkpoints used for the vs-step figures, evenly spaced (default 20)")
+    parser.add_argument("--allow-unreadable", action="store_true",
+                        help="list matrices that cannot be read (damaged file, not enough memory) as rows with an "
+                             "error and exit 0; without it they make the command fail (exit 2)")
+
+
+def _relufication_run(path: Path) -> None:
+    """ValueError naming the right commands when ``path`` is a relufication run or one of its
+    checkpoints (its checkpoints hold a relufied BERT, not a model the factory rebuilds)."""
+    from gradsparse.runfolder import continue_command, run_kind
+
+    run = path if path.is_dir() else path.resolve().parent.parent if path.resolve().parent.name == "checkpoints" else None
+    kind = run_kind(run) if run is not None else None
+    if kind is None or kind[0] != "relufication":
+        return
+    model = kind[1] or "HF_FOLDER"
+    raise ValueError(f"{path} is a relufication run (gradsparse relufy); spectrum reads training runs and model files, "
+                     f"not a relufied BERT's checkpoints: for the spectra of the model it started from run "
+                     f"gradsparse spectrum {model}; to continue the run: {continue_command(run)}")
 
 
 def _history(path: Path, limit: int) -> list[tuple[int, Path]]:
@@ -136,7 +154,9 @@ def _default_out(path: Path, fmt: str) -> Path:
 
 
 def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.\-\[\]]+", "_", name).strip("_.") or "weight"
+    """A file-name stem for a matrix name: unusual characters replaced, and a name too long for a
+    file system shortened to a readable prefix and a hash of the whole name (:func:`weights.short_name`)."""
+    return weights.short_name(re.sub(r"[^A-Za-z0-9_.\-\[\]]+", "_", name).strip("_.") or "weight")
 
 
 def _figures(rows: list[spectra.SpectrumRow], history_rows: list[tuple[int, list]], out: Path, document: str,
@@ -172,6 +192,39 @@ def _figures(rows: list[spectra.SpectrumRow], history_rows: list[tuple[int, list
             written += fs.plot_alpha_vs_step(alphas, out / "alpha_vs_step",
                                              flags=fs.series_from_rows(history_rows, "pl_fit_ok"), formats=formats)
     return written
+
+
+def check_readable_rows(rows: list[spectra.SpectrumRow], allow_unreadable: bool) -> None:
+    """ValueError when no row could be analysed, or when a matrix could not be read and
+    ``allow_unreadable`` is False (one line naming the first few and why)."""
+    failed = [r for r in rows if r.error]
+    unreadable = [r for r in failed if r.error.startswith("cannot read")]
+    show = lambda rs: "; ".join(f"{r.name}: {r.error}" for r in rs[:3]) + (  # noqa: E731
+        f"; ... ({len(rs) - 3} more)" if len(rs) > 3 else "")
+    if rows and len(failed) == len(rows):
+        raise ValueError(f"no matrix could be analysed ({len(rows)} of {len(rows)}: {show(failed)})")
+    if unreadable and not allow_unreadable:
+        raise ValueError(f"{len(unreadable)} of {len(rows)} matrices could not be read ({show(unreadable)}); "
+                         "pass --allow-unreadable to analyse the others")
+
+
+def _history_rows(hist: list[tuple[int, Path]], rows: list, args: argparse.Namespace, roles: dict, fit: bool
+                  ) -> tuple[list[tuple[int, list]], list[tuple[Path, str]]]:
+    """The rows of every earlier checkpoint for the vs-step figures, and the damaged ones skipped (with why)."""
+    from gradsparse import checkpoint
+
+    out: list[tuple[int, list]] = []
+    skipped: list[tuple[Path, str]] = []
+    for step, ck in hist[:-1]:
+        try:
+            model, _ = checkpoint.load_model(ck)
+        except ValueError as e:  # a damaged earlier checkpoint: the figures are drawn without it
+            skipped.append((ck, str(e).replace("\n", " ")))
+            continue
+        out.append((step, spectra.analyze(model, rtol=args.rtol, route=args.route, select=args.select, roles=roles,
+                                          progress=False, power_law=fit)))
+    out.append((hist[-1][0], rows))
+    return out, skipped
 
 
 def _skipped_lines(skipped: list[tuple[str, str]]) -> list[str]:
@@ -237,7 +290,10 @@ def run(args: argparse.Namespace) -> int:
 
     path = Path(args.path)
     if not path.exists():
+        if path.is_symlink():
+            weights.check_readable(path)  # a symlink loop or a broken link, named as such
         raise FileNotFoundError(f"no model weights at {path}")
+    _relufication_run(path)
     if args.rtol is not None and not (math.isfinite(args.rtol) and 0.0 <= args.rtol < 1.0):
         raise ValueError(f"--rtol must lie in [0, 1), got {args.rtol}")
     if not (0.0 < args.alpha < 1.0):
@@ -264,6 +320,7 @@ def run(args: argparse.Namespace) -> int:
     rows = spectra.analyze(wset, rtol=args.rtol, route=args.route, fit=fit, alpha=args.alpha, keep_sv=figures,
                            ks_max=args.ks_max, progress=False if args.no_progress else None,
                            randomize=args.randomize, key=args.seed)
+    check_readable_rows(rows, args.allow_unreadable)
     meta = spectra.table_metadata(wset, source=str(path), fit=fit, alpha=args.alpha, rtol=args.rtol,
                                   ks_max=args.ks_max, rows=rows, randomize=args.randomize,
                                   seed=args.seed if args.randomize else None)
@@ -272,14 +329,10 @@ def run(args: argparse.Namespace) -> int:
     if figures:
         hist = _history(path, args.max_checkpoints)
         if len(hist) >= 2:
-            from gradsparse import checkpoint
-
-            for step, ck in hist[:-1]:
-                model, _ = checkpoint.load_model(ck)
-                history_rows.append((step, spectra.analyze(model, rtol=args.rtol, route=args.route,
-                                                           select=args.select, roles=roles, progress=False,
-                                                           power_law=fit)))
-            history_rows.append((hist[-1][0], rows))
+            history_rows, damaged = _history_rows(hist, rows, args, roles, fit)
+            if damaged:  # stderr: --json keeps stdout to the JSON
+                print(f"spectrum: {len(damaged)} earlier checkpoints skipped in the vs-step figures (damaged): "
+                      + "; ".join(f"{p.name} ({why})" for p, why in damaged), file=sys.stderr)
             lap("earlier checkpoints")
     if args.csv:
         atomic_write_text(args.csv, spectra.rows_to_csv(rows))
@@ -315,7 +368,14 @@ def run(args: argparse.Namespace) -> int:
     written: list[Path] = []
     if out is not None:
         document = spectra.rows_to_json(rows, metadata=meta)
-        written = _figures(rows, history_rows, out, document, args.max_esd, formats)
+        try:
+            written = _figures(rows, history_rows, out, document, args.max_esd, formats)
+        except OSError as e:
+            if args.out is not None:
+                raise
+            raise ValueError(f"cannot write the figures to {out}, the default --out ({e.strerror or e}: "
+                             f"{e.filename or out}); pass --out DIR to write them to a folder you may write to, "
+                             "or --no-figures") from None
         lap("figures")
         if not args.json:
             print(f"wrote {len(written)} files to {out}")

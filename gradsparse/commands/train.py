@@ -33,7 +33,9 @@ from gradsparse.commands import add_run_folder_flags, check_run_out, path_arg
 from gradsparse.config import MODELS, NOISE_KINDS, OPTIMIZERS, SCHEDULES, TrainConfig, check_resumable
 from gradsparse import data
 from gradsparse.data import DATASETS
-from gradsparse.runfolder import check_out, stored_config
+from gradsparse.errors import TrainingDiverged
+from gradsparse.checkpoint import list_checkpoints
+from gradsparse.runfolder import RUN_FILES, check_out, stored_config
 from gradsparse.train import train
 
 # CLI flag -> config field, for the plain scalar options
@@ -162,8 +164,11 @@ def run(args: argparse.Namespace) -> int:
     if not (args.overwrite or args.resume):
         check_out(out)  # early, before the data are read; the run folder checks again once it holds the lock
     ds = data.load_dataset(cfg.data, seed=cfg.seed, path=cfg.data_path, n_train=cfg.n_train, n_test=cfg.n_test)
-    res = train(cfg, out, dataset=ds, progress=not args.quiet and sys.stderr.isatty(), resume=args.resume,
-                skip_damaged=args.skip_damaged, overwrite=args.overwrite)
+    try:
+        res = train(cfg, out, dataset=ds, progress=not args.quiet and sys.stderr.isatty(), resume=args.resume,
+                    skip_damaged=args.skip_damaged, overwrite=args.overwrite)
+    except TrainingDiverged as e:
+        raise diverged(e, out, cfg.lr) from None
     if res.already_complete:
         print(f"{out}: the run is already complete ({cfg.steps} steps); nothing to do")
         return 0
@@ -178,3 +183,37 @@ def run_summary(final: dict, steps: int) -> str:
     nan = float("nan")
     return (f"{steps} steps in {final['train_time_s']:.1f}s; density {final.get('density_start', nan):.3f} -> "
             f"{final.get('density_end', nan):.3f} (held-out {final.get('heldout_density_end', nan):.3f})")
+
+
+def discard_unstarted_run(out: Path) -> bool:
+    """Remove the files of a run that stopped before its first checkpoint (config, meta, log,
+    times: nothing a resume could continue from), so that the same command, with other flags,
+    starts afresh without ``--overwrite``; the folder itself goes when that leaves it empty.
+    Returns False (and removes nothing) when ``out`` holds a checkpoint."""
+    if not isinstance(out, Path):
+        raise ValueError(f"out: must be a Path, got {type(out).__name__}")
+    if not out.is_dir() or list_checkpoints(out):
+        return False
+    for name in RUN_FILES:
+        p = out / name
+        if name == "checkpoints":
+            if p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
+                p.rmdir()
+        elif p.is_file() or p.is_symlink():
+            p.unlink()
+    if not any(out.iterdir()):
+        out.rmdir()
+    return True
+
+
+def diverged(e: TrainingDiverged, out: Path, lr: float) -> TrainingDiverged:
+    """``e`` with the way out: a lower ``--lr``, and, when no checkpoint was written, the run's
+    files removed (:func:`discard_unstarted_run`) so that the retry needs no ``--overwrite``."""
+    if not isinstance(e, TrainingDiverged):
+        raise ValueError(f"e: must be a TrainingDiverged, got {type(e).__name__}")
+    line = f"{e}; a lower --lr than {lr:g} may help"
+    if e.checkpoint is None and discard_unstarted_run(out):
+        line += f" (no checkpoint was written, so nothing was kept in {out}: the retry needs no --overwrite)"
+    new = TrainingDiverged(e.step, e.where, e.checkpoint)
+    new.args = (line,)
+    return new
