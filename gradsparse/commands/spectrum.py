@@ -32,6 +32,13 @@ false), the power-law (HT-SR) columns of WeightWatcher's default analysis (``alp
 with ``--randomize``, correlation traps (``num_traps``, ``rand_distance``; entries shuffled with
 ``--seed``). ``--no-fit`` skips the MP and power-law fits.
 
+Exit 2 (one line) for input that cannot be read: a damaged or truncated file (named, with its size
+and what its header needs; none of its bytes are shown), a name in a sharded index that leaves its
+folder, a symlink loop, a relufication run folder (the commands for it are named); also when no
+matrix could be analysed, and when a matrix could not be read unless ``--allow-unreadable`` (then
+its row says why). A damaged earlier checkpoint of a run is left out of the vs-step figures and
+named on stderr.
+
 Last, on stderr: the whole command's time and where it went (start-up: Python and the imports before
 the command runs; opening; reading and analysis; output; figures, usually most of it: ``--no-figures``
 skips them, ``--formats png`` halves them).

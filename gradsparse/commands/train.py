@@ -17,8 +17,9 @@ checkpoint at the current step when it can and prints the ``--resume`` command (
 
 Exit codes: 0 done; 2 bad input, a path that cannot be written, a config that does not fit in
 memory (one line on stderr); 3 the loss or a gradient became NaN/inf (one line naming the step
-and the layer; the log ends at the last good logged step and the last checkpoint is kept); 130
-interrupted.
+and the layer and suggesting a lower ``--lr``; the log ends at the last good logged step and the
+last checkpoint is kept; a run that diverged before its first checkpoint keeps nothing, so the
+retry needs no ``--overwrite``); 130 interrupted.
 """
 
 from __future__ import annotations

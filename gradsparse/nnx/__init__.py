@@ -32,7 +32,8 @@ Measured costs: docs/nnx_measurements.md.
 from __future__ import annotations
 
 from gradsparse.activations import GELUTanh, SiLU
-from gradsparse.nnx.discover import ACTIVATIONS, MATCH_RTOL, MLPSite, find_mlp_blocks, layer_names, site_activation
+from gradsparse.nnx.discover import (ACTIVATIONS, MATCH_RTOL, MLPSite, StochasticLayerWarning, find_mlp_blocks,
+                                     layer_names, site_activation, stochastic_layers)
 from gradsparse.nnx.mixed import MixedActivation, MixWeight
 from gradsparse.nnx.plugins import (FrozenShift, add_zeroth_bias, gamma_floor_projection, gamma_ramp_projection,
                                     mix_activation, mix_projection, restrict_layernorm, sparsify,
@@ -44,7 +45,8 @@ from gradsparse.plugins.zeroth_bias import PLACEMENTS
 
 __all__ = [
     "ACTIVATIONS", "GELUTanh", "SiLU", "ProbeValue", "ProbeGrad", "MixWeight", "FrozenShift", "MixedActivation",
-    "MLPSite", "find_mlp_blocks", "instrument", "value_and_grad", "layer_names", "site_activation",
+    "MLPSite", "StochasticLayerWarning", "stochastic_layers", "find_mlp_blocks", "instrument", "value_and_grad",
+    "layer_names", "site_activation",
     "mix_activation", "mix_projection", "add_zeroth_bias", "zeroth_bias_projection", "restrict_layernorm",
     "gamma_ramp_projection", "gamma_floor_projection", "sparsify", "named_matrices",
 ]

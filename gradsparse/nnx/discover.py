@@ -15,12 +15,22 @@ is identified from the same data (for a block whose activation is already a
 K's input (SPEC 1: x = LN(h)), if any, is recorded for the plug-ins. A model that is already
 instrumented or sparsified gives the same sites again.
 
+A stochastic layer inside a found block (``nnx.Dropout`` with a rate above 0, or any module of
+the block that holds an ``nnx.Rngs`` / ``nnx.RngStream``) is named in ``MLPSite.stochastic`` and
+reported with a :class:`StochasticLayerWarning`: the block is found with it switched off, and while
+it is on (training with dropout) V's input is no longer sigma(K's output), so the density and
+eta = dL/dz of SPEC 2 do not describe the block; measure with it off (``model.eval()``, or
+``deterministic=True``), or place it after V.
+
 Limits: each block must be called once per forward (no weight sharing across calls, no
-``nnx.scan`` over stacked layers).
+``nnx.scan`` over stacked layers); K and V are Linear-like modules (a block whose weights are bare
+2-D ``nnx.Param`` attributes used as ``x @ w`` is named, not found); a gated (GLU) block,
+``V(sigma(K1 x) * K2 x)``, is not an MLP block of SPEC 1 and is explained pair by pair.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -49,7 +59,8 @@ class MLPSite:
     output is K's input, or None; ``act_path``: path of the block attribute holding the activation
     (None when the activation is applied inline, then it cannot be swapped); ``act``: the
     identified activation (a gradsparse Activation); ``d``, ``n``: widths; ``tokens``: T of the
-    sample's (..., T, d) input of K (1 for a (B, d) input), the default zeroth-bias length.
+    sample's (..., T, d) input of K (1 for a (B, d) input), the default zeroth-bias length;
+    ``stochastic``: paths of the block's stochastic layers (dropout), see the module docstring.
     """
 
     name: str
@@ -62,6 +73,11 @@ class MLPSite:
     d: int
     n: int
     tokens: int
+    stochastic: tuple[str, ...] = ()
+
+
+class StochasticLayerWarning(UserWarning):
+    """A found MLP block holds a stochastic layer (dropout) whose output SPEC 2's metrics do not model."""
 
 
 def check_sites(sites: Any) -> tuple[MLPSite, ...]:
@@ -159,6 +175,50 @@ def _act_location(block_path: Path, block: Any, z: np.ndarray, a: np.ndarray) ->
     return None
 
 
+def _is_stochastic(m: Any) -> bool:
+    """An ``nnx.Dropout`` with a rate above 0, or a module holding an ``nnx.Rngs`` / ``nnx.RngStream``."""
+    if isinstance(m, nnx.Dropout):
+        return float(getattr(m, "rate", 1.0) or 0.0) > 0.0
+    return any(isinstance(v, (nnx.Rngs, nnx.RngStream)) for v in vars(m).values())
+
+
+def stochastic_layers(block: Any, skip: Sequence[Path] = ()) -> list[str]:
+    """Paths (relative to ``block``, ``"<block>"`` for the block itself) of the stochastic layers
+    of an NNX module: dropout and any module that draws random numbers; ``skip``: paths of
+    submodules to leave out (K and V)."""
+    if not isinstance(block, nnx.Module):
+        raise ValueError(f"block: must be a flax.nnx.Module, got {type(block).__name__}")
+    out = []
+    for p, m in nnx.iter_modules(block):
+        if tuple(p) in set(skip) or not _is_stochastic(m):
+            continue
+        out.append(path_name(tuple(p)) if p else "<block>")
+    return out
+
+
+def _warn_stochastic(site: MLPSite) -> None:
+    names = ", ".join(site.stochastic)
+    warnings.warn(f"{site.name} holds a stochastic layer ({names}) inside the MLP block: it was found with the "
+                  "layer off, but while it is on (training with dropout) V's input is not sigma(K's output), so "
+                  "density and eta = dL/dz no longer describe the block; measure with it off (model.eval() or "
+                  "deterministic=True), or move it after V", StochasticLayerWarning, stacklevel=3)
+
+
+def _bare_params(modules: dict[Path, Any], linears: Sequence[Path]) -> dict[str, str]:
+    """{module name: why} for modules that hold 2-D ``nnx.Param`` weights outside Linear-like modules."""
+    out = {}
+    for p, m in modules.items():
+        if p in linears:
+            continue
+        names = [k for k, v in vars(m).items() if isinstance(v, nnx.Param)
+                 and getattr(v.get_value(), "ndim", 0) == 2]
+        if names:
+            out[path_name(p)] = (f"{path_name(p)} holds bare 2-D nnx.Param {', '.join(names)} (used as x @ w), not "
+                                 "Linear-like modules; allowed: K and V as nnx.Linear or any module with a 2-D "
+                                 "'kernel' variable")
+    return out
+
+
 def _one_call(seen: dict, path: Path, what: str) -> tuple[Any, str | None]:
     v = seen.get(path + (what,))
     if v is None:
@@ -221,7 +281,7 @@ def find_mlp_blocks(model: Any, *sample: Any, call: Callable[..., Any] | None = 
     for p in linears:
         groups.setdefault(_container(p, modules), []).append(p)
     found: list[MLPSite] = []
-    why: dict[str, str] = {}
+    why: dict[str, list[str]] = {k: [v] for k, v in _bare_params(modules, linears).items()}
     for block, members in groups.items():
         pairs = []
         for kp in members:
@@ -229,8 +289,9 @@ def find_mlp_blocks(model: Any, *sample: Any, call: Callable[..., Any] | None = 
                 kk, kv = kernel(modules[kp]).get_value(), kernel(modules[vp]).get_value()
                 if kp != vp and kk.shape[1] == kv.shape[0] and kk.shape[0] == kv.shape[1]:
                     pairs.append((kp, vp))
+        reasons = why.setdefault(path_name(block), [])
         if not pairs:
-            why[path_name(block)] = "no two Linear layers with kernels (d, n) and (n, d)"
+            reasons.append("no two Linear layers with kernels (d, n) and (n, d)")
             continue
         hits = []
         for kp, vp in pairs:
@@ -239,7 +300,7 @@ def find_mlp_blocks(model: Any, *sample: Any, call: Callable[..., Any] | None = 
             a, e3 = _one_call(seen, vp, "in")
             err = e1 or e2 or e3
             if err:
-                why[path_name(block)] = f"{path_name(kp)} / {path_name(vp)}: {err}"
+                reasons.append(f"{path_name(kp)} / {path_name(vp)}: {err}")
                 continue
             loc = _act_location(block, modules[block], z, a)
             held = get_at(copy, loc) if loc is not None else None
@@ -248,10 +309,13 @@ def find_mlp_blocks(model: Any, *sample: Any, call: Callable[..., Any] | None = 
             else:
                 sig = next((s for s in acts if _matches(s, z, a)), None)
             if sig is None:
-                why[path_name(block)] = (f"{path_name(vp)}'s input is not sigma({path_name(kp)}'s output) for sigma "
-                                         f"in {', '.join(s.name for s in acts)}")
+                reasons.append(f"{path_name(kp)} / {path_name(vp)}: {path_name(vp)}'s input is not "
+                               f"sigma({path_name(kp)}'s output) for sigma in {', '.join(s.name for s in acts)}")
                 continue
             hits.append((kp, vp, x, z, loc, sig))
+        if not hits and _gated(pairs, lambda q: tuple(kernel(modules[q]).get_value().shape)):
+            reasons.append("it looks gated (GLU: two layers (d, n) feed one (n, d), V(sigma(K1 x) * K2 x)), which is "
+                           "not an MLP block of SPEC 1")
         for kp, vp, x, z, loc, sig in hits:
             name = path_name(block) if len(hits) == 1 else f"{path_name(block)}.{kp[-1]}"
             ln = None
@@ -261,7 +325,11 @@ def find_mlp_blocks(model: Any, *sample: Any, call: Callable[..., Any] | None = 
                     if ln is None or _common(q, kp) > _common(ln, kp):
                         ln = q
             d, n = int(x.shape[-1]), int(z.shape[-1])
-            found.append(MLPSite(name, block, kp, vp, ln, loc, sig, d, n, int(x.shape[-2]) if x.ndim >= 3 else 1))
+            rel = [p[len(block):] for p in (kp, vp)]
+            stoch = tuple(f"{path_name(block)}.{q}" if q != "<block>" else path_name(block)
+                          for q in stochastic_layers(modules[block], rel))
+            site = MLPSite(name, block, kp, vp, ln, loc, sig, d, n, int(x.shape[-2]) if x.ndim >= 3 else 1, stoch)
+            found.append(site)
     if select is not None:
         names = [s.name for s in found]
         if callable(select):
@@ -269,10 +337,25 @@ def find_mlp_blocks(model: Any, *sample: Any, call: Callable[..., Any] | None = 
         else:
             missing = [s for s in select if s not in names]
             if missing:
-                reasons = "; ".join(f"{m}: {why.get(m, 'no such module holding Linear layers')}" for m in missing)
+                reasons = "; ".join(f"{m}: {'; '.join(why.get(m) or ['no such module holding Linear layers'])}"
+                                    for m in missing)
                 raise ValueError(f"select: not MLP blocks: {reasons}; allowed: {', '.join(names) or 'none found'}")
             found = [s for s in found if s.name in set(select)]
     if not found:
-        detail = "; ".join(f"{k}: {v}" for k, v in list(why.items())[:6]) or "the model has no Linear layers"
-        raise ValueError(f"no MLP block (Linear -> activation -> Linear) found: {detail}")
+        detail = " | ".join(f"{k}: {'; '.join(v)}" for k, v in list(why.items())[:6] if v)
+        raise ValueError(f"no MLP block (Linear -> activation -> Linear) found: "
+                         f"{detail or 'the model has no Linear layers'}")
+    for site in found:
+        if site.stochastic:
+            _warn_stochastic(site)
     return found
+
+
+def _gated(pairs: Sequence[tuple[Path, Path]], shape: Callable[[Path], tuple[int, ...]]) -> bool:
+    """Two or more candidate K layers (kernel (d, n), d != n) for one V: the shape of a gated (GLU) block."""
+    ks: dict[Path, set[Path]] = {}
+    for kp, vp in pairs:
+        d, n = shape(kp)
+        if d != n:
+            ks.setdefault(vp, set()).add(kp)
+    return any(len(v) >= 2 for v in ks.values())

@@ -178,7 +178,11 @@ def _probe_metrics(model: Any, sites: tuple[MLPSite, ...], values: Any, grads: A
         # (docs/nnx_measurements.md: what that copy cost)
         k = kernel(get_at(model, s.key))[...].astype(jnp.float32)
         views.append(_BlockView(k, site_activation(model, s)))
-    return monitors.model_metrics(views, aux, probe_grads, b)
+    metrics = monitors.model_metrics(views, aux, probe_grads, b)
+    # density counts |a - a_flat| > 1e-6, which is 1 for activations without exact zeros (GELU, tanh-GELU,
+    # SiLU): the share of positive pre-activations is the number that counts there, so both are given
+    metrics["positive_fraction"] = jnp.stack([jnp.mean((ax["z"] > 0).astype(jnp.float32)) for ax in aux])
+    return metrics
 
 
 def value_and_grad(loss_fn: Callable[..., Any], sites: Sequence[MLPSite], *, has_aux: bool = False,
@@ -189,7 +193,9 @@ def value_and_grad(loss_fn: Callable[..., Any], sites: Sequence[MLPSite], *, has
     ``value`` is that; ``grads`` is the ``nnx.State`` of gradients w.r.t. the ``wrt`` variables
     (``nnx.Param``), as ``nnx.value_and_grad`` gives; ``metrics`` maps each SPEC 2.1-2.6 name of
     :func:`gradsparse.monitors.layer_metrics` to an (L,) array over the sites (order of
-    :func:`~gradsparse.nnx.discover.layer_names`). Call it inside your jitted step; the model must
+    :func:`~gradsparse.nnx.discover.layer_names`), plus ``positive_fraction`` (the share of z > 0:
+    ``density`` counts |a| > 1e-6, which is 1.0 for GELU, tanh-GELU and SiLU, whose outputs are
+    never exactly zero). Call it inside your jitted step; the model must
     be instrumented (:func:`instrument`). The zero probes are shaped by ``nnx.eval_shape`` (no
     run-time cost, no change of the model's state); ``num_samples`` B defaults to the leading size
     of the first array argument.
