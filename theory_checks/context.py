@@ -30,6 +30,7 @@ from gradsparse.config import TrainConfig
 from gradsparse.data import DATASETS, DataInfo, Dataset, heldout_batch, load_dataset, make_mnist1d
 from gradsparse.factory import Built, RunKeys, build
 from gradsparse.io import atomic_write_with
+from gradsparse.runplan import finished_config, run_id
 from gradsparse.runtime import cache_root, release_compiled_code
 from gradsparse.train import train
 from gradsparse.train_seeds import SEEDS_KEY, train_seeds, worth_vmapping
@@ -104,6 +105,14 @@ class Context:
     _data: dict[tuple, Any] = field(default_factory=dict, repr=False)
     _used: list[str] = field(default_factory=list, repr=False)
     _cfgs: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    #: {run id: finished run folder} of the runs the suite's executor trained (:mod:`gradsparse.runplan`)
+    index: dict[str, Path] = field(default_factory=dict)
+    #: False when judging only: a run not in :attr:`index` is :class:`Unavailable`, never trained
+    may_train: bool = True
+    #: the run ids this context trained itself (runs the plan did not declare, or no executor ran)
+    trained_here: list[str] = field(default_factory=list, repr=False)
+    _tags: dict[str, str] = field(default_factory=dict, repr=False)
+    _rid_of: dict[int, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -121,35 +130,55 @@ class Context:
             self._data[key] = load_data(name, n_train=n_train, n_test=n_test)
         return self._data[key]
 
-    def train(self, cfg: Any, tag: str, *, start: Built | None = None, cache: bool = True):
-        """Train ``cfg`` through :func:`gradsparse.train.train` (cached by ``tag`` + config).
+    def train(self, cfg: Any, tag: str, *, start: Built | None = None, parent: Any = None, cache: bool = True):
+        """The run of ``cfg``: from the finished run folder the suite's executor trained
+        (:attr:`index`), else trained now through :func:`gradsparse.train.train` (cached by run id).
 
-        ``start`` (finetuning: :func:`gradsparse.factory.finetune_start`) is passed through; such
-        runs are cached under their ``tag`` (which must then name the starting point) and config,
-        whose ``surgery`` names the modules. Returns the :class:`gradsparse.train.RunResult`.
+        ``start`` (finetuning: :func:`gradsparse.factory.finetune_start`) is passed through with
+        ``parent``, the run (a result of this context) it finetunes from: the run id
+        (:func:`gradsparse.runplan.run_id`) hashes the config and the parent's id, as the plan of runs
+        does. With :attr:`may_train` False (``gradsparse check --judge``) a run missing from the
+        folders is :class:`Unavailable`. Returns the :class:`gradsparse.train.RunResult`.
         """
         cfg = cfg.validate()
-        key = self._key(cfg, tag)
-        self._used.append(key)
-        self._cfgs[key] = cfg.to_dict()
-        if cache and key in self._runs:
-            return self._runs[key]
+        if start is not None and parent is None:
+            raise ValueError("a finetune (start=...) needs parent=, the run it starts from")
+        rid = self.run_key(cfg, parent)
+        self._used.append(rid)
+        self._cfgs[rid] = cfg.to_dict()
+        self._tags.setdefault(rid, tag)
+        if cache and rid in self._runs:
+            return self._runs[rid]
         ds = self.data(cfg.data, cfg.n_train, cfg.n_test)
-        t0 = time.time()
-        res = train(cfg, self._run_dir(key), dataset=ds, start=start, progress=False)
-        self.log(f"  trained {key}: {cfg.steps} steps in {time.time() - t0:.1f}s")
-        release_compiled_code()
+        folder = self.index.get(rid)
+        if folder is not None and finished_config(folder, cfg.to_dict()):
+            res = train(cfg, folder, dataset=ds, start=start, progress=False, resume=True)
+        elif not self.may_train:
+            raise Unavailable(f"run {folder.name if folder is not None else f'{tag}-{rid}'} is not in the run folders "
+                              "(judging trains nothing: train it with gradsparse check --resume)")
+        else:
+            t0 = time.time()
+            res = train(cfg, self._run_dir(folder.name if folder is not None else f"{tag}-{rid}"), dataset=ds,
+                        start=start, progress=False)
+            self.trained_here.append(rid)
+            self.log(f"  trained {tag}-{rid}: {cfg.steps} steps in {time.time() - t0:.1f}s")
+            release_compiled_code()
+        self._rid_of[id(res)] = rid
         if cache:
-            self._runs[key] = res
+            self._runs[rid] = res
         return res
 
-    @staticmethod
-    def _key(cfg: TrainConfig, tag: str) -> str:
-        digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
-        return f"{tag}-{digest}-s{cfg.seed}"
+    def run_key(self, cfg: TrainConfig, parent: Any = None) -> str:
+        """The run id of ``cfg`` (finetuned from the run ``parent`` of this context, or from scratch)."""
+        pid = None
+        if parent is not None:
+            pid = self._rid_of.get(id(parent))
+            if pid is None:
+                raise ValueError("parent: not a run of this context")
+        return run_id(cfg.to_dict(), pid)
 
-    def _run_dir(self, key: str) -> Path | None:
-        return self.out_dir / "runs" / key if self.out_dir is not None else None
+    def _run_dir(self, name: str) -> Path | None:
+        return self.out_dir / "runs" / name if self.out_dir is not None else None
 
     def together(self, cfg: TrainConfig) -> bool:
         """Whether :meth:`seed_runs` trains the seeds of ``cfg`` as one vmapped group."""
@@ -158,20 +187,24 @@ class Context:
         return self.vmap_seeds == "on"
 
     def seed_runs(self, cfg: Any, tag: str, **kw: Any) -> list[Any]:
-        """One run of ``cfg`` per seed of this context: the seeds not cached yet trained together
-        (:func:`gradsparse.train_seeds.train_seeds`) when :meth:`together` says so and no
-        ``start`` or ``cache=False`` is given, else one after the other."""
+        """One run of ``cfg`` per seed of this context: from the executor's run folders, else the
+        seeds not cached yet trained together (:func:`gradsparse.train_seeds.train_seeds`) when
+        :meth:`together` says so and no ``start`` or ``cache=False`` is given, else one after the other."""
         cfgs = [cfg.replace(seed=s).validate() for s in self.seeds]
-        todo = [c for c in cfgs if self._key(c, tag) not in self._runs]
-        if len(todo) >= 2 and kw.get("start") is None and kw.get("cache", True) and self.together(cfgs[0]):
-            keys = [self._key(c, tag) for c in todo]
+        todo = [c for c in cfgs if self.run_key(c) not in self._runs
+                and not (self.run_key(c) in self.index and finished_config(self.index[self.run_key(c)], c.to_dict()))]
+        if (len(todo) >= 2 and self.may_train and kw.get("start") is None and kw.get("cache", True)
+                and self.together(cfgs[0])):
+            keys = [self.run_key(c) for c in todo]
             t0 = time.time()
-            results = train_seeds(todo, [self._run_dir(k) for k in keys],
+            results = train_seeds(todo, [self._run_dir(f"{tag}-{k}") for k in keys],
                                   dataset=self.data(cfg.data, cfg.n_train, cfg.n_test))
             self.log(f"  trained {tag} seeds {[c.seed for c in todo]} together (vmap): "
                      f"{cfg.steps} steps in {time.time() - t0:.1f}s")
             release_compiled_code()
+            self.trained_here.extend(keys)
             self._runs.update(zip(keys, results))
+            self._rid_of.update((id(r), k) for k, r in zip(keys, results))
         return [self.train(c, tag, **kw) for c in cfgs]
 
     def vmapped_since(self, mark: int) -> list[str]:
@@ -180,7 +213,7 @@ class Context:
         out: list[str] = []
         for key in self._used[mark:]:
             run = self._runs.get(key)
-            name = key.rsplit("-", 2)[0]  # the tag: without "-<config hash>-s<seed>"
+            name = self._tags.get(key, key)
             if run is not None and run.final.get(SEEDS_KEY) and name not in out:
                 out.append(name)
         return out

@@ -250,7 +250,8 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
     phases = []
     for s, r in zip(ctx.seeds, base):
         start, opts = finetune_start(r.model, cfg.replace(seed=s))
-        phases.append(ctx.train(cfg.replace(seed=s, surgery=opts), f"g04-labelnoise-from-sgd{s}", start=start))
+        phases.append(ctx.train(cfg.replace(seed=s, surgery=opts), f"g04-labelnoise-from-sgd{s}", start=start,
+                                parent=r))
     hist = [ph.history for ph in phases]
     parts, gates, m = measure(hist, plan(ctx.preset, p))
     plateau, whole, raw, falls, q4, n_est = m["plateau"], m["whole"], m["raw"], m["falls"], m["q4"], m["n_est"]

@@ -156,8 +156,8 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
         ts, to = finetune_start(r.model, cfg, **MODULE_OPTS, t_up=ramp, t_mix=ramp)
         if co != planned["control"] or to != planned["modules"]:
             raise ValueError("G11: the surgery options differ from the plan's")
-        ctrl.append(ctx.train(cfg.replace(surgery=co), f"g11-control-from-lm{s}", start=cs))
-        treat.append(ctx.train(cfg.replace(surgery=to), f"g11-modules-from-lm{s}", start=ts))
+        ctrl.append(ctx.train(cfg.replace(surgery=co), f"g11-control-from-lm{s}", start=cs, parent=r))
+        treat.append(ctx.train(cfg.replace(surgery=to), f"g11-modules-from-lm{s}", start=ts, parent=r))
     start = [end_value(r.history, "heldout/density/mean") for r in van]
     dens_c = [end_value(r.history, "heldout/density/mean") for r in ctrl]
     dens_t = [end_value(r.history, "heldout/density/mean") for r in treat]

@@ -259,12 +259,59 @@ def _claim_order(name: str) -> int:
         return 10**6
 
 
+def _arm_label(check: Any, arm_name: str) -> str:
+    """'g03-base': the folder prefix of a check's arm (letters, digits, '-', '_', '.')."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{check.slug.split('_')[0]}-{arm_name}")[:60]
+
+
+#: how the checks load a run's dataset (data seed 0, mnist1d from the disk cache): run specs name it
+CHECK_LOADER = "theory_checks.context:load_data"
+
+
+def checks_run_plan(checks: Sequence[Any], plans: dict[str, Any], seeds_of: dict[str, list[int]]) -> Any:
+    """The union of the checks' planned runs (:class:`gradsparse.runplan.RunPlan`): every arm of
+    every check's plan x the check's seeds (``seeds_of``), a finetune arm after its start arm,
+    each run once (deduplicated by the hash of its full config and parent)."""
+    from gradsparse.runplan import RunPlan, RunSpec
+
+    rplan = RunPlan()
+    for c in checks:
+        plan = plans.get(c.name)
+        if plan is None:
+            continue
+        arms = {a.name: a for a in plan.arms}
+        done: dict[tuple[str, int], str] = {}
+
+        def add(a: Any, s: int) -> str:
+            if (a.name, s) not in done:
+                parent = add(arms[a.start], s) if a.start is not None else None
+                spec = RunSpec(_arm_label(c, a.name), {**a.config, "seed": int(s)}, parent=parent, data_seed=0,
+                               loader=CHECK_LOADER)
+                done[(a.name, s)] = rplan.add(spec)
+            return done[(a.name, s)]
+
+        for a in plan.arms:
+            for s in seeds_of.get(c.name, []):
+                add(a, s)
+    return rplan
+
+
 def run_checks(checks: Sequence[Any], preset: str, out: Path, seeds: list[int], *, progress: bool = True,
                echo: bool = True, previous: Sequence[CheckResult] = (), previous_meta: dict[str, Any] | None = None,
-               vmap_seeds: str = "auto", clock: CompileClock | None = None) -> tuple[list[Any], bool]:
-    """Run ``checks`` into ``out``; returns (results of this call, any_crashed). Writes the report
-    after each check.
+               vmap_seeds: str = "auto", clock: CompileClock | None = None, executor: str = "sequential",
+               workers: int | None = None, ray_address: str | None = None, resume: bool = False,
+               judge_only: bool = False) -> tuple[list[Any], bool]:
+    """Plan, execute, judge: write the checks' plans (``plan.json``), train the union of their
+    planned runs with ``executor`` (:func:`gradsparse.executors.execute`: "sequential", "local"
+    with ``workers``, "ray" at ``ray_address``) into ``out/runs``, then judge each check from the
+    finished run folders. Returns (results of this call, any_crashed). Writes the report after
+    each check.
 
+    ``resume``: finished run folders whose config hash matches are reused (without it every
+    planned run is trained again). ``judge_only``: nothing is trained; a planned run missing from
+    ``out/runs`` makes its check INCONCLUSIVE ("not in the run folders").
     ``previous``: the results of the report already in ``out`` (same preset and seeds; see
     :func:`theory_checks.report.read_report`): the report then MERGES them with this call's
     results — checks not run now are kept, each check run now replaces its earlier result (and
@@ -275,16 +322,22 @@ def run_checks(checks: Sequence[Any], preset: str, out: Path, seeds: list[int], 
     check's line (``echo``) and report.json (``compile_s_of``, ``compile_s``) say how much of its wall
     time was compiling.
     """
+    from gradsparse.executors import EXECUTORS
+
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor: got {executor!r}; allowed: {', '.join(EXECUTORS)}")
     enable_compilation_cache()
     out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(preset=preset, seeds=seeds, out_dir=out, vmap_seeds=vmap_seeds)
+    ctx = Context(preset=preset, seeds=seeds, out_dir=out, vmap_seeds=vmap_seeds, may_train=not judge_only)
     started = _dt.datetime.now().isoformat(timespec="seconds")
     meta: dict[str, Any] = {"preset": preset, "seeds": seeds, "started": started, "versions": versions(),
                             "wall_s": 0.0, "command": " ".join(sys.argv), "requested": [c.name for c in checks],
-                            "vmap_seeds": vmap_seeds}
+                            "vmap_seeds": vmap_seeds, "executor": "judge only" if judge_only else executor}
     plans = {c.name: c.make_plan(preset) for c in checks}
-    meta["plan_sha256"] = plan_sha256(write_plan(out, checks, plans, preset, ctx.seeds,
-                                                 keep=[r.name for r in previous]))
+    plan_data = write_plan(out, checks, plans, preset, ctx.seeds, keep=[r.name for r in previous])
+    meta["plan_sha256"] = plan_sha256(plan_data)
+    rplan = checks_run_plan(checks, plans, {c.name: plan_data["checks"][c.name]["seeds"] for c in checks})
+    ctx.index.update({rid: out / "runs" / spec.folder for rid, spec in rplan.runs.items()})
     earlier = {r.name: r for r in previous}
     prev_started = dict((previous_meta or {}).get("started_of") or {})
     started_of = {n: prev_started.get(n, (previous_meta or {}).get("started", "?")) for n in earlier}
@@ -302,14 +355,29 @@ def run_checks(checks: Sequence[Any], preset: str, out: Path, seeds: list[int], 
             meta["kept"] = [n for n in earlier if n not in done]
         meta["interrupted"] = interrupted
         meta["not_run"] = [c.name for c in checks if c.name not in done]
+        meta["trained_while_judging"] = list(ctx.trained_here)
         write_report(out, merged, meta)
 
     own_clock = clock is None
     clock = (clock or CompileClock()).__enter__() if own_clock else clock
     compile_of = dict((previous_meta or {}).get("compile_s_of") or {})
     compile_of = {n: v for n, v in compile_of.items() if n in earlier}
-    bar = tqdm(total=len(checks), disable=not progress, desc=f"check ({preset})", unit="check", dynamic_ncols=True)
+    bar = None
     try:
+        if not judge_only:
+            from gradsparse.executors import describe, execute
+
+            say = (lambda m: tqdm.write(m, file=sys.stderr)) if echo else None
+            ran = execute(rplan, out / "runs", executor=executor, workers=workers, ray_address=ray_address,
+                          together=ctx.together, progress=progress, log=say, reuse=resume)
+            meta["execution"] = {"executor": executor, "workers": ran.workers, "runs": len(rplan),
+                                 "jobs_trained": len(ran.trained), "jobs_reused": len(ran.reused),
+                                 "wall_s": ran.wall_s, "compile_s": round(clock.seconds(t0), 2),
+                                 "job_seconds": {o.label: o.seconds for o in ran.outcomes if o.trained}}
+            if say is not None:
+                say(f"runs done: {describe(ran)}; judging the checks from the run folders")
+        bar = tqdm(total=len(checks), disable=not progress, desc=f"check ({preset})", unit="check",
+                   dynamic_ncols=True)
         for check in checks:
             bar.set_postfix_str(check.name, refresh=True)
             t1 = time.time()
@@ -338,7 +406,8 @@ def run_checks(checks: Sequence[Any], preset: str, out: Path, seeds: list[int], 
         report(interrupted=True)
         raise ChecksInterrupted(out / "report.md", meta["not_run"]) from None
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if own_clock:
             clock.__exit__(None, None, None)
     return results, crashed

@@ -120,6 +120,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train the seeds of one config together with jax.vmap: auto (default) where that measured "
                         "faster (CPU: MLP width <= 64, byte LM width <= 32; any accelerator), on, or off (one seed "
                         "after the other); equal up to float rounding, and the report names the runs trained so")
+    p.add_argument("--executor", choices=("sequential", "local", "ray"), default=None,
+                   help="who trains the planned runs: sequential (this process, one after the other), local "
+                        "(worker processes on this machine; the default where there are >= 2 cores or devices), or "
+                        "ray (a Ray cluster: --ray-address; pip install 'gradsparse[cluster]')")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="local executor: worker processes (default: one per CPU core, or per accelerator)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="ray executor: 'auto' (the cluster this machine belongs to) or HOST:PORT of its head; "
+                        "default: a cluster of this machine's own, started and stopped by the command")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the report in --out: finished runs whose config hash matches are reused, so only "
+                        "the runs a crash or Ctrl-C interrupted are trained")
+    p.add_argument("--judge", type=path_arg, default=None, metavar="DIR",
+                   help="judge the checks again from the finished run folders in DIR (a report folder), training "
+                        "nothing; the report in DIR is replaced")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-check lines")
 
 
@@ -175,12 +190,59 @@ def _previous(out: Path, preset: str, seeds: list[int], overwrite: bool):
     return meta, results
 
 
+def stored_plan(folder: Path, flag: str) -> tuple[str, list[int]]:
+    """(preset, seeds) of the check plan in ``folder/plan.json``; ValueError naming ``flag`` when
+    there is none or it cannot be read."""
+    import json
+
+    path = folder / "plan.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        preset, seeds = data["preset"], data["seeds"]
+    except FileNotFoundError:
+        raise ValueError(f"{flag} {folder}: holds no check plan (plan.json); it is not a check report folder") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{flag} {folder}: plan.json is unreadable ({type(e).__name__}: {e})") from None
+    if preset not in ("smoke", "quick", "standard", "full") or not isinstance(seeds, list) or not seeds:
+        raise ValueError(f"{flag} {folder}: plan.json names preset {preset!r} and seeds {seeds!r}, not a valid plan")
+    return preset, [int(x) for x in seeds]
+
+
+def default_executor() -> str:
+    """'local' where there are >= 2 CPU cores or accelerators, else 'sequential'."""
+    from gradsparse.executors import default_workers
+
+    return "local" if default_workers() >= 2 else "sequential"
+
+
+def _resolve(args: argparse.Namespace) -> tuple[str, list[int], Path]:
+    """(preset, seeds, report folder) from the flags: --judge and --resume take them from the folder's plan."""
+    if args.judge is not None and (args.resume or args.overwrite):
+        raise ValueError("--judge re-judges an existing report folder; it takes neither --resume nor --overwrite")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the report in --out and --overwrite replaces it: choose one")
+    if args.executor is None and (args.workers is not None or args.ray_address is not None):
+        args.executor = "ray" if args.ray_address is not None else "local"
+    if args.workers is not None and args.executor != "local":
+        raise ValueError(f"--workers applies to --executor local, not {args.executor}")
+    if args.ray_address is not None and args.executor != "ray":
+        raise ValueError(f"--ray-address applies to --executor ray, not {args.executor}")
+    folder = args.judge if args.judge is not None else args.out
+    if args.judge is not None or args.resume:
+        preset, seeds = stored_plan(folder, "--judge" if args.judge is not None else "--resume")
+        if args.seeds is not None and args.seeds != len(seeds):
+            raise ValueError(f"--seeds {args.seeds}: the report in {folder} has {len(seeds)} seeds")
+        return preset, seeds, folder
+    n = args.seeds if args.seeds is not None else (5 if args.preset in ("standard", "full") else 3)
+    return args.preset, list(range(n)), folder
+
+
 def run(args: argparse.Namespace) -> int:
     if not args.list:  # the first line, at once: before the checks (and with them JAX's models) are imported
         check_seeds(args.seeds)
-        n = args.seeds if args.seeds is not None else (5 if args.preset in ("standard", "full") else 3)
+        preset, seeds, out = _resolve(args)
         if not args.quiet:
-            print(announce(list(args.names), args.preset, list(range(n)), args.out), file=sys.stderr, flush=True)
+            print(announce(list(args.names), preset, seeds, out), file=sys.stderr, flush=True)
     # here, not at the top: the checks import the whole library, and `gradsparse --help` stays fast
     from theory_checks.suite import CompileClock, get_checks, run_checks, time_split
 
@@ -189,28 +251,30 @@ def run(args: argparse.Namespace) -> int:
         for c in checks:
             print(f"{c.name:4s} {c.title}: {c.claim}")
         return 0
-    out: Path = args.out
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
-    seeds = list(range(n))
-    prev_meta, previous = _previous(out, args.preset, seeds, args.overwrite)
+    executor = args.executor or default_executor()
+    prev_meta, previous = _previous(out, preset, seeds, args.overwrite)
     if previous:
         now = {c.name for c in checks}
         kept = [r.name for r in previous if r.name not in now]
         replaced = [r.name for r in previous if r.name in now]
+        verb = "judging again" if args.judge is not None else "re-running"
         print(f"merging into the report in {out}: keeping {', '.join(kept) or 'none'}; "
-              f"re-running and replacing {', '.join(replaced) or 'none'} (--overwrite starts a new report)")
+              f"{verb} and replacing {', '.join(replaced) or 'none'} (--overwrite starts a new report)")
     interactive = sys.stderr.isatty()
     t0 = time.time()
     with CompileClock() as clock:
-        results, crashed = run_checks(checks, args.preset, out, seeds, progress=not args.quiet and interactive,
+        results, crashed = run_checks(checks, preset, out, seeds, progress=not args.quiet and interactive,
                                       echo=not args.quiet, previous=previous, previous_meta=prev_meta,
-                                      vmap_seeds=args.vmap_seeds, clock=clock)
+                                      vmap_seeds=args.vmap_seeds, clock=clock, executor=executor,
+                                      workers=args.workers, ray_address=args.ray_address, resume=args.resume,
+                                      judge_only=args.judge is not None)
     wall = time.time() - t0
     split = time_split(wall, *clock.since((t0, 0, 0)))
     counts = {v: sum(1 for r in results if r.verdict == v and not r.error) for v in ("PASS", "FAIL", "INCONCLUSIVE")}
     merged = f" (merged: the report holds {len({r.name for r in [*previous, *results]})} checks)" if previous else ""
-    smoke = " [smoke: a code-path test, not evidence]" if args.preset == "smoke" else ""
+    smoke = " [smoke: a code-path test, not evidence]" if preset == "smoke" else ""
     print(f"{len(results)} check(s) in {wall:.0f} s ({split}): PASS {counts['PASS']}, FAIL {counts['FAIL']}, "
           f"INCONCLUSIVE {counts['INCONCLUSIVE']}" + (f", CRASHED {sum(1 for r in results if r.error)}" if crashed else "")
           + f"; report {out / 'report.md'}{merged}{smoke}")
