@@ -222,7 +222,8 @@ def check_readable(path: str | os.PathLike) -> None:
             raise ValueError(f"{p} is a symlink loop{target}: a link that leads back to itself; "
                              "replace it with the file or a link to the file") from None
         if p.is_symlink():
-            raise ValueError(f"{p} is a broken symlink: it points to {os.readlink(p)!r}, which does not exist") from None
+            raise ValueError(f"{p} is a broken symlink: it points to {os.readlink(p)!r}, "
+                             "which does not exist") from None
         if e.errno not in (errno.ENOENT, errno.ENOTDIR):
             raise
     raise FileNotFoundError(f"no file or folder at {p}")
@@ -256,7 +257,8 @@ def _sniff_torch(p: Path) -> None:
         raise ValueError(f"{p}: cannot be read ({e.strerror or type(e).__name__})") from None
     if head[:4] == _ZIP_MAGIC or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
         return
-    what = "it is empty" if size == 0 else f"{size} bytes that are neither a zip archive nor a pickle, as PyTorch writes"
+    what = ("it is empty" if size == 0 else
+            f"{size} bytes that are neither a zip archive nor a pickle, as PyTorch writes")
     raise ValueError(f"{p} is not a readable model file ({what})")
 
 
@@ -373,7 +375,8 @@ def _safetensors_meta(p: Path) -> dict[str, tuple[tuple[int, ...], str]]:
                 raise _damaged(p, f"{size} bytes, a safetensors file starts with an 8-byte header length")
             n = int.from_bytes(raw_n, "little")
             if not 2 <= n <= _ST_MAX_HEADER:
-                raise ValueError(f"{p} is not a readable .safetensors file (its first 8 bytes are not a plausible header length)")
+                raise ValueError(f"{p} is not a readable .safetensors file (its first 8 bytes are not a plausible "
+                                 "header length)")
             if 8 + n > size:
                 raise _damaged(p, f"{size} bytes, its header needs {8 + n}")
             text = f.read(n)
@@ -502,6 +505,7 @@ def _flatten_state(obj: Any, prefix: str, out: dict[str, Any], skipped: list[tup
 
 
 def _torch_state(p: Path, torch: Any, skipped: list[tuple[str, str]]) -> dict[str, np.ndarray]:
+    _sniff_torch(p)  # a shard of a torch index too: bytes torch cannot have written are named as such
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for foreign or unsafe files

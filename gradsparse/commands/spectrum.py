@@ -124,7 +124,8 @@ def _relufication_run(path: Path) -> None:
     checkpoints (its checkpoints hold a relufied BERT, not a model the factory rebuilds)."""
     from gradsparse.runfolder import continue_command, run_kind
 
-    run = path if path.is_dir() else path.resolve().parent.parent if path.resolve().parent.name == "checkpoints" else None
+    parent = path.resolve().parent
+    run = path if path.is_dir() else parent.parent if parent.name == "checkpoints" else None
     kind = run_kind(run) if run is not None else None
     if kind is None or kind[0] != "relufication":
         return

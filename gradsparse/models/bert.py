@@ -217,7 +217,8 @@ def _pooling(folder: Path) -> tuple[str, bool, list[str]]:
         if short == "Normalize":
             normalize = True
         elif short == "Pooling":
-            pcfg_path = weights.inside_folder(folder, m.get("path"), f"{mfile}: the Pooling module's path") / "config.json"
+            where = f"{mfile}: the Pooling module's path"
+            pcfg_path = weights.inside_folder(folder, m.get("path"), where) / "config.json"
             if not pcfg_path.is_file():
                 raise ValueError(f"{mfile} lists a Pooling module but {pcfg_path} does not exist")
             pcfg = _read_json(pcfg_path)
