@@ -215,7 +215,8 @@ def _ray_job(job: Job, runs_dir: str, marker: str, parents: dict[str, dict[str, 
 
 
 def _ray(jobs: list[Job], runs_dir: Path, on_done: Callable[[JobOutcome], None], *, ray_address: str | None = None,
-         cpu_threads: int | None = 1, max_retries: int = 3, force: bool = False, **_: Any) -> None:
+         cpu_threads: int | None = 1, max_retries: int = 3, force: bool = False, shared_fs: bool | None = None,
+         **_: Any) -> None:
     ray = _import_ray()
     started = False
     if not ray.is_initialized():
@@ -225,7 +226,8 @@ def _ray(jobs: list[Job], runs_dir: Path, on_done: Callable[[JobOutcome], None],
         gpus = float(ray.cluster_resources().get("GPU", 0))
         task = ray.remote(num_cpus=1, num_gpus=1 if gpus >= 1 else 0, max_retries=max_retries)(_ray_job)
         marker = runs_dir / f".executor-{uuid.uuid4().hex[:12]}"
-        atomic_write_bytes(marker, b"")
+        if shared_fs is not False:  # a worker that sees the marker writes into runs_dir itself
+            atomic_write_bytes(marker, b"")
         sched = _Scheduler(jobs)
         running: dict[Any, Job] = {}
         try:
@@ -260,10 +262,12 @@ _RUNNERS = {"sequential": _sequential, "local": _local, "ray": _ray}
 
 def execute(plan: RunPlan, out: str | os.PathLike, *, executor: str = "sequential", workers: int | None = None,
             ray_address: str | None = None, together: Callable[[Any], bool] | None = None,
-            progress: bool = True, log: Callable[[str], None] | None = None, reuse: bool = True) -> Execution:
+            progress: bool = True, log: Callable[[str], None] | None = None, reuse: bool = True,
+            shared_fs: bool | None = None) -> Execution:
     """Train every run of ``plan`` into ``out/<name>-<run_id>`` with ``executor`` (module
     docstring); finished runs there are reused (``reuse=False``: trained again). Writes
-    ``out/runs.json`` (the plan) first.
+    ``out/runs.json`` (the plan) first. ``shared_fs`` (ray): None finds out whether the workers
+    see ``out``; False makes every worker train on its own node and return the folders' files.
     ``together``: the seed-group rule of :meth:`RunPlan.jobs`. Returns an :class:`Execution`."""
     if not isinstance(plan, RunPlan):
         raise ValueError(f"plan: got {type(plan).__name__}; allowed: a gradsparse.runplan.RunPlan")
@@ -305,7 +309,7 @@ def execute(plan: RunPlan, out: str | os.PathLike, *, executor: str = "sequentia
     try:
         _RUNNERS[executor](todo, runs_dir, on_done, workers=n, ray_address=ray_address, accelerators=acc,
                            cpu_threads=None if acc else split_threads(n) if executor == "local" else 1,
-                           force=not reuse)
+                           force=not reuse, shared_fs=shared_fs)
     finally:
         if bar is not None:
             bar.close()
