@@ -97,6 +97,10 @@ class RunSpec:
     def __post_init__(self) -> None:
         _check_name(self.name)
         run_id(self.config, self.parent)  # validates config and parent
+        try:
+            self.train_config()
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"run {self.name}: its config is not a valid TrainConfig ({e})") from None
         if self.data_seed is not None and (not isinstance(self.data_seed, int) or self.data_seed < 0):
             raise ValueError(f"data_seed: got {self.data_seed!r}; allowed: None or an integer >= 0")
         if not isinstance(self.loader, str) or self.loader.count(":") != 1:

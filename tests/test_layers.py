@@ -21,6 +21,7 @@ LAYERS = {
     "gradsparse.checkpoint": 5, "gradsparse.spectra": 5.1, "gradsparse.measure": 5.2,
     "gradsparse.runfolder": 6, "gradsparse.loop": 6.5,
     "gradsparse.train": 7, "gradsparse.train_seeds": 7, "gradsparse.relufy": 7,
+    "gradsparse.runplan": 7.5, "gradsparse.executors": 7.6,
     "theory_checks.verdicts": 8.0, "theory_checks.plan": 8.05, "theory_checks.protocol": 8.1, "theory_checks.context": 8.2,
     "theory_checks.g": 8.3, "theory_checks.report": 8.4, "theory_checks.suite": 8.5, "theory_checks.pilot": 8.6,
     "gradsparse.cli": 9, "gradsparse.commands": 9,

@@ -163,8 +163,7 @@ def test_plan_json_is_written_before_the_first_run_and_unchanged_after(tmp_path,
     seen = []
 
     def plan_fn(preset, p):
-        return CheckPlan(arms=[arm("ref", _Cfg(lr=0.1))],
-                         parts=[PartPlan("e", "effect", "primary", "w", 0.1, "stated", why="m")])
+        return CheckPlan(arms=[], parts=[PartPlan("e", "effect", "primary", "w", 0.1, "stated", why="m")])
 
     def run_fn(ctx, p):
         # what a training run would see: the plan is already on disk

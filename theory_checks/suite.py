@@ -167,12 +167,12 @@ def crash_result(check: Check, ctx: Context, exc: BaseException, elapsed: float)
         numbers={}, parts={}, notes=[], figures=[], elapsed_s=round(elapsed, 2), error=tb)
 
 
-#: the check modules, in claim order (G1..G14)
+#: the check modules, in claim order (G1..G16)
 CHECK_MODULES = (
     "g01_identity", "g02_layernorm_norm", "g03_sparsity_emerges", "g04_flatness_together", "g05_sgd_noise",
     "g06_flat_region", "g07_spectral_concentration", "g08_kkt_bounds", "g09_isotropy_mp",
     "g10_modules_from_scratch", "g11_modules_finetune", "g12_weight_noise_transformer",
-    "g13_derivative_vs_activation", "g14_lazy_neuron_controls",
+    "g13_derivative_vs_activation", "g14_lazy_neuron_controls", "g15_gd_vs_sgd", "g16_wd_update_mp",
 )
 
 
@@ -287,8 +287,11 @@ def checks_run_plan(checks: Sequence[Any], plans: dict[str, Any], seeds_of: dict
         def add(a: Any, s: int) -> str:
             if (a.name, s) not in done:
                 parent = add(arms[a.start], s) if a.start is not None else None
-                spec = RunSpec(_arm_label(c, a.name), {**a.config, "seed": int(s)}, parent=parent, data_seed=0,
-                               loader=CHECK_LOADER)
+                try:
+                    spec = RunSpec(_arm_label(c, a.name), {**a.config, "seed": int(s)}, parent=parent, data_seed=0,
+                                   loader=CHECK_LOADER)
+                except ValueError as e:
+                    raise ValueError(f"check {c.name}, arm {a.name}: {e}") from None
                 done[(a.name, s)] = rplan.add(spec)
             return done[(a.name, s)]
 
@@ -296,6 +299,14 @@ def checks_run_plan(checks: Sequence[Any], plans: dict[str, Any], seeds_of: dict
             for s in seeds_of.get(c.name, []):
                 add(a, s)
     return rplan
+
+
+def preset_run_plan(checks: Sequence[Any], preset: str, seeds: Sequence[int]) -> Any:
+    """The run plan (:func:`checks_run_plan`) of ``checks`` at ``preset`` with ``seeds``, as
+    :func:`run_checks` would train it (nothing is trained or written)."""
+    plans = {c.name: c.make_plan(preset) for c in checks}
+    data = check_plans(checks, plans, list(seeds))
+    return checks_run_plan(checks, plans, {c.name: data[c.name]["seeds"] for c in checks})
 
 
 def run_checks(checks: Sequence[Any], preset: str, out: Path, seeds: list[int], *, progress: bool = True,

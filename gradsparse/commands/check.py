@@ -39,6 +39,8 @@ from gradsparse.io import foreign_entries as io_foreign_entries
 DEFAULT_OUT = Path("runs/check")
 #: the most seeds one invocation may ask for
 MAX_SEEDS = 1000
+#: the most local worker processes
+MAX_WORKERS = 256
 
 #: wall seconds of each check at the quick preset (3 seeds; G10-G12 5) on 2 CPU cores with a warm
 #: compilation cache: the README's report (595 s in all, load 0.1-1.5). A check reuses the runs of the
@@ -221,6 +223,8 @@ def _resolve(args: argparse.Namespace) -> tuple[str, list[int], Path]:
         raise ValueError("--judge re-judges an existing report folder; it takes neither --resume nor --overwrite")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the report in --out and --overwrite replaces it: choose one")
+    if args.workers is not None and not 1 <= args.workers <= MAX_WORKERS:
+        raise ValueError(f"--workers: got {args.workers}; allowed: [1, {MAX_WORKERS}]")
     if args.executor is None and (args.workers is not None or args.ray_address is not None):
         args.executor = "ray" if args.ray_address is not None else "local"
     if args.workers is not None and args.executor != "local":
