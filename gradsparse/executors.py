@@ -157,7 +157,8 @@ def _local(jobs: list[Job], runs_dir: Path, on_done: Callable[[JobOutcome], None
 
 
 # ----------------------------------------------------------------------------------------- ray
-def _import_ray() -> Any:
+def require_ray() -> Any:
+    """The ray module; ValueError saying how to install it when it is missing."""
     try:
         import ray
     except ImportError:
@@ -217,7 +218,7 @@ def _ray_job(job: Job, runs_dir: str, marker: str, parents: dict[str, dict[str, 
 def _ray(jobs: list[Job], runs_dir: Path, on_done: Callable[[JobOutcome], None], *, ray_address: str | None = None,
          cpu_threads: int | None = 1, max_retries: int = 3, force: bool = False, shared_fs: bool | None = None,
          **_: Any) -> None:
-    ray = _import_ray()
+    ray = require_ray()
     started = False
     if not ray.is_initialized():
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -274,7 +275,7 @@ def execute(plan: RunPlan, out: str | os.PathLike, *, executor: str = "sequentia
     if executor not in EXECUTORS:
         raise ValueError(f"executor: got {executor!r}; allowed: {', '.join(EXECUTORS)}")
     if executor == "ray":
-        _import_ray()
+        require_ray()
     n = _check_workers(workers) if executor == "local" else 1
     runs_dir = Path(out)
     if runs_dir.exists() and not runs_dir.is_dir():

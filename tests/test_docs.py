@@ -269,6 +269,11 @@ def _check_command(cmd: list[str], env: dict[str, str], where: str, cwd: Path | 
         sub = mkdocs_main.cli.commands.get(args[0]) if args else None
         assert sub is not None, f"{where}: unknown mkdocs command {args}"
         sub.make_context(args[0], list(args[1:]))  # click parses (and rejects unknown options)
+    elif head == "ray":  # Ray's own command line (click), where the cluster extra is installed
+        scripts = pytest.importorskip("ray.scripts.scripts", reason="ray is not installed (the cluster extra)")
+        sub = scripts.cli.commands.get(args[0]) if args else None
+        assert sub is not None, f"{where}: unknown ray command {args}"
+        sub.make_context(args[0], list(args[1:]))  # click parses (and rejects unknown options)
     elif head not in HARMLESS:
         pytest.fail(f"{where}: the runner does not know the command `{head}`; teach tests/test_docs.py "
                     "how to check it, or opt the block out with '# docs-test: skip (why)'")

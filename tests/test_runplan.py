@@ -172,3 +172,19 @@ def test_job_label_names_a_seed_group():
     plan = RunPlan(spec("base", TINY, s) for s in (0, 1, 2))
     (job,) = plan.jobs(lambda c: True)
     assert isinstance(job, Job) and job.label.endswith("x3 seeds") and job.steps == 3 * TINY.steps
+
+
+def test_the_ray_executor_without_ray_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from gradsparse import cli
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(ValueError, match=r"pip install 'gradsparse\[cluster\]'"):
+        execute(sweep([TINY], seeds=[0]), tmp_path / "r", executor="ray")
+    assert not (tmp_path / "r").exists()  # refused before anything is written
+    assert cli.main(["check", "G1", "--preset", "smoke", "--executor", "ray", "--out", str(tmp_path / "c"),
+                     "--quiet"]) == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("gradsparse check: G1")]
+    assert len(err) == 1 and "gradsparse[cluster]" in err[0]
+    assert not (tmp_path / "c").exists()

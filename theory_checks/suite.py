@@ -333,10 +333,12 @@ def run_checks(checks: Sequence[Any], preset: str, out: Path, seeds: list[int], 
     check's line (``echo``) and report.json (``compile_s_of``, ``compile_s``) say how much of its wall
     time was compiling.
     """
-    from gradsparse.executors import EXECUTORS
+    from gradsparse.executors import EXECUTORS, require_ray
 
     if executor not in EXECUTORS:
         raise ValueError(f"executor: got {executor!r}; allowed: {', '.join(EXECUTORS)}")
+    if executor == "ray" and not judge_only:
+        require_ray()  # before anything is written
     enable_compilation_cache()
     out.mkdir(parents=True, exist_ok=True)
     ctx = Context(preset=preset, seeds=seeds, out_dir=out, vmap_seeds=vmap_seeds, may_train=not judge_only)
