@@ -50,14 +50,20 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
     """
     if os.environ.get("GRADSPARSE_NO_COMPILE_CACHE"):
         return None
-    import jax  # here, not at the top: `gradsparse --help` imports this module and stays fast
-
     folder = Path(path) if path is not None else compilation_cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         return None
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    settings = {"jax_compilation_cache_dir": str(folder), "jax_persistent_cache_min_compile_time_secs": 0,
+                "jax_persistent_cache_min_entry_size_bytes": 0}
+    import sys
+
+    if "jax" not in sys.modules:  # JAX reads these when it is imported: a command's first line need not wait for it
+        os.environ.update({k.upper(): str(v) for k, v in settings.items()})
+        return folder
+    import jax
+
+    for k, v in settings.items():
+        jax.config.update(k, v)
     return folder

@@ -4,6 +4,9 @@ costs; each check's line and the report say how much of the time was compiling."
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +28,21 @@ def test_check_prints_its_first_line_before_loading_the_checks(tmp_path):
     for bit in ("G3, G13", "preset quick", "seeds 0-2", str(tmp_path / "r"), "expected about", "min"):
         assert bit in line, (bit, line)
     assert not any(m.startswith(("theory_checks", "equinox", "optax")) for m in imported)
+    assert "jax" not in imported  # the compilation cache is set through JAX's environment, not by importing it
     assert not (tmp_path / "r" / "plan.json").exists()  # nothing was started yet
+
+
+def test_the_compilation_cache_settings_reach_jax_imported_later(tmp_path):
+    code = ("import sys; from gradsparse.runtime import enable_compilation_cache; "
+            "f = enable_compilation_cache(); assert 'jax' not in sys.modules; import jax; "
+            "print(jax.config.jax_compilation_cache_dir == str(f), jax.config.jax_persistent_cache_min_compile_time_secs,"
+            " jax.config.jax_persistent_cache_min_entry_size_bytes)")
+    env = {**os.environ, "GRADSPARSE_CACHE": str(tmp_path / "c")}
+    for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):
+        env.pop(k, None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "0.0", "0"]
 
 
 def test_expected_time_adds_the_measured_check_times(monkeypatch, tmp_path):

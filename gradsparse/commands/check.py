@@ -10,6 +10,12 @@ interrupted run keeps what it finished):
 - ``figures/*.png`` (+ .pdf): the checks' figures; ``runs/``: the run folders of every training run;
 - ``<check>.error.txt``: the traceback of a check that crashed (its report line says so).
 
+Plan, execute, judge: the checks' pre-registered plans are written first (``plan.json``), the union
+of their planned runs (``runs/runs.json``, each run once by config hash) is trained by an executor
+(``--executor``: sequential, local worker processes, or a Ray cluster; :mod:`gradsparse.executors`),
+then each check is judged from the finished run folders. ``--resume`` reuses the finished runs of a
+suite that was interrupted; ``--judge DIR`` judges again without training.
+
 A report already in ``--out`` is never lost. By default the new results are MERGED into it:
 the results of checks not run now are kept, each check run now replaces its earlier result
 (and the run folders under ``runs/`` that it trains again), and both the output and report.md
