@@ -352,8 +352,13 @@ def split_threads(workers: int, cores: int | None = None) -> int:
 
 
 def describe(res: Execution) -> str:
+    """'52 job(s) trained, 0 reused, 551 s with the local executor (2 workers; the jobs compiled for 130 s
+    of their 1080 s)'."""
+    busy = sum(o.seconds for o in res.outcomes if o.trained)
+    comp = sum(o.compile_s for o in res.outcomes if o.trained)
     return (f"{len(res.trained)} job(s) trained, {len(res.reused)} reused, {res.wall_s:.0f} s with the {res.executor} "
-            f"executor" + (f" ({res.workers} workers)" if res.executor == "local" else ""))
+            f"executor (" + (f"{res.workers} workers; " if res.executor == "local" else "")
+            + f"the jobs compiled for {comp:.0f} s of their {busy:.0f} s)")
 
 
 __all__: Sequence[str] = ("EXECUTORS", "Execution", "execute", "critical_path", "pack_folder", "unpack_folder",

@@ -340,6 +340,8 @@ class JobOutcome:
     trained: bool
     seconds: float
     run_seconds: dict[str, float] = field(default_factory=dict)
+    #: of ``seconds``, the wall time JAX spent compiling (or reading compiled code from the cache)
+    compile_s: float = 0.0
 
 
 def run_job(job: Job, runs_dir: str | Path, *, force: bool = False, progress: bool = False) -> JobOutcome:
@@ -348,9 +350,17 @@ def run_job(job: Job, runs_dir: str | Path, *, force: bool = False, progress: bo
     is finished), one run with :func:`gradsparse.train.train` (resumed from its latest checkpoint
     when it has one). Finished runs are left as they are, unless ``force`` (then every run is
     trained again from the start)."""
-    from gradsparse.runtime import release_compiled_code
+    from gradsparse.runtime import CompileClock, release_compiled_code
 
     runs_dir = Path(runs_dir)
+    with CompileClock() as clock:
+        outcome = _run_job(job, runs_dir, force, progress)
+    outcome.compile_s = round(clock.seconds(), 3)
+    release_compiled_code()
+    return outcome
+
+
+def _run_job(job: Job, runs_dir: Path, force: bool, progress: bool) -> JobOutcome:
     t0 = time.time()
     outs = [runs_dir / r.folder for r in job.runs]
     trained = False
@@ -376,7 +386,6 @@ def run_job(job: Job, runs_dir: str | Path, *, force: bool = False, progress: bo
                 train(cfgs[0], out, dataset=ds, start=start, progress=progress, resume=True, skip_damaged=True)
             else:
                 train(cfgs[0], out, dataset=ds, start=start, progress=progress, overwrite=True)
-        release_compiled_code()
     secs: dict[str, float] = {}
     for o, r in zip(outs, job.runs):
         try:

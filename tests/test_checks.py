@@ -270,7 +270,7 @@ def test_context_validates():
 @pytest.fixture(scope="module")
 def smoke_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
-    rc = cli.main(["check", "--preset", "smoke", "--out", str(out), "--quiet"])
+    rc = cli.main(["check", "--preset", "smoke", "--out", str(out), "--quiet", "--executor", "sequential"])
     return rc, out
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as _dt
 import importlib
 import json
-import math
 import sys
 import time
 import traceback
@@ -16,82 +15,12 @@ from tqdm.auto import tqdm
 
 from gradsparse.io import atomic_write_bytes, atomic_write_text
 from gradsparse.runfolder import versions
-from gradsparse.runtime import enable_compilation_cache
+from gradsparse.runtime import CompileClock, enable_compilation_cache  # noqa: F401 - CompileClock is used from here too
 from theory_checks.context import Context
 from theory_checks.protocol import Check, CheckResult, Finding, Unavailable
 from theory_checks.report import SMOKE_NOTE, VMAP_NOTE, write_report
 from theory_checks.plan import judge, plan_bytes, plan_sha256
 from theory_checks.verdicts import Verdict, gated
-
-#: JAX's compile-time spans: tracing to a jaxpr, lowering to MLIR, and XLA compilation (or reading the
-#: executable from the persistent compilation cache) - :class:`CompileClock` measures their union
-COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                  "/jax/core/compile/backend_compile_duration")
-_CACHE_HIT = "/jax/compilation_cache/cache_hits"
-_CACHE_MISS = "/jax/compilation_cache/cache_misses"  # compiled by XLA and written to the persistent cache
-
-
-class CompileClock:
-    """Wall time JAX spends compiling while the clock is open (a context manager).
-
-    Listens to JAX's compile time spans (:data:`COMPILE_EVENTS`, through ``jax.monitoring``) and
-    counts the wall time covered by their union (nested spans, a jit traced inside another's trace,
-    count once); executables compiled by XLA (``compiled``) and read from the persistent compilation
-    cache (``cached``) are counted too. :meth:`since` gives the numbers after a :meth:`mark`.
-    Everything else in a wall time (training steps, measurements, data, I/O) is "running".
-    """
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[float, float]] = []
-        self.compiled = 0
-        self.cached = 0
-
-    def _span(self, event: str, start: float, end: float, **_: Any) -> None:
-        if event in COMPILE_EVENTS:
-            self.spans.append((float(start), float(end)))
-
-    def _event(self, event: str, **_: Any) -> None:
-        if event == _CACHE_HIT:
-            self.cached += 1
-        elif event == _CACHE_MISS:
-            self.compiled += 1
-
-    def __enter__(self) -> "CompileClock":
-        from jax import monitoring
-
-        monitoring.register_event_time_span_listener(self._span)
-        monitoring.register_event_listener(self._event)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        from jax import monitoring
-
-        monitoring.unregister_event_time_span_listener(self._span)
-        monitoring.unregister_event_listener(self._event)
-
-    def mark(self) -> tuple[float, int, int]:
-        """(now, executables compiled so far, read from the cache so far): pass to :meth:`since`."""
-        return time.time(), self.compiled, self.cached
-
-    def seconds(self, t0: float = -math.inf, t1: float = math.inf) -> float:
-        """Seconds of [t0, t1] covered by at least one compile span."""
-        total, end = 0.0, -math.inf
-        for a, b in sorted((max(a, t0), min(b, t1)) for a, b in self.spans):
-            if b <= a:
-                continue
-            if a > end:
-                total += b - a
-                end = b
-            elif b > end:
-                total += b - end
-                end = b
-        return total
-
-    def since(self, mark: tuple[float, int, int]) -> tuple[float, int, int]:
-        """(compile seconds, executables compiled, executables read from the cache) since ``mark``."""
-        t0, compiled, cached = mark
-        return self.seconds(t0), self.compiled - compiled, self.cached - cached
-
 
 def time_split(wall: float, compile_s: float, compiled: int, cached: int) -> str:
     """'compiling 12.3 s (40 compiled, 7 from the cache), running 30.1 s' for a wall time."""
@@ -386,6 +315,8 @@ def run_checks(checks: Sequence[Any], preset: str, out: Path, seeds: list[int], 
             meta["execution"] = {"executor": executor, "workers": ran.workers, "runs": len(rplan),
                                  "jobs_trained": len(ran.trained), "jobs_reused": len(ran.reused),
                                  "wall_s": ran.wall_s, "compile_s": round(clock.seconds(t0), 2),
+                                 "worker_compile_s": round(sum(o.compile_s for o in ran.outcomes), 2),
+                                 "job_compile_s": {o.label: o.compile_s for o in ran.outcomes if o.trained},
                                  "job_seconds": {o.label: o.seconds for o in ran.outcomes if o.trained}}
             if say is not None:
                 say(f"runs done: {describe(ran)}; judging the checks from the run folders")

@@ -1,4 +1,4 @@
-"""``gradsparse check``: run the theory checks (SPEC 5, G1..G14) and write a report.
+"""``gradsparse check``: run the theory checks (SPEC 5, G1..G16) and write a report.
 
 Writes, into ``--out`` (default ``runs/check``), atomically and after every check (so an
 interrupted run keeps what it finished):
@@ -49,14 +49,18 @@ MAX_SEEDS = 1000
 MAX_WORKERS = 256
 
 #: wall seconds of each check at the quick preset (3 seeds; G10-G12 5) on 2 CPU cores with a warm
-#: compilation cache: the README's report (595 s in all, load 0.1-1.5). A check reuses the runs of the
-#: checks before it (G13 and G14 the baselines of G3), so one alone can take longer.
+#: compilation cache, trained one run after the other (the sequential executor; 595 s in all for G1-G14,
+#: load 0.1-1.5; G15 and G16 measured alone). A check reuses the runs of the checks before it (G13 and
+#: G14 the baselines of G3), so one alone can take longer.
 QUICK_SECONDS = {"G1": 33, "G2": 8, "G3": 28, "G4": 47, "G5": 66, "G6": 15, "G7": 15, "G8": 3, "G9": 42,
-                 "G10": 172, "G11": 72, "G12": 56, "G13": 9, "G14": 30}
+                 "G10": 172, "G11": 72, "G12": 56, "G13": 9, "G14": 30, "G15": 80, "G16": 60}
 #: a first run (empty compilation cache, datasets not yet generated) against a warm one, at quick, on the
 #: same 2 CPU cores: 1705 s (compiling 660 s, running 1045 s; load 2.3-7.3) against 776 s (compiling 88 s,
 #: running 688 s; load 2-3.4)
 COLD_FACTOR = 2.2
+#: the whole quick preset's wall time, sequential / local executor (2 workers), in one run on 2 CPU cores:
+#: 1222 s / 653 s (load 1.5-4.5; benchmarks/executor_speed.py)
+LOCAL_SPEEDUP = 1.87
 
 
 def check_number(name: str) -> int | None:
@@ -80,17 +84,18 @@ def cache_is_cold() -> bool:
         return True
 
 
-def expected_time(names: list[str], preset: str, cold: bool) -> str:
+def expected_time(names: list[str], preset: str, cold: bool, executor: str = "sequential") -> str:
     """What a run of ``names`` (all when empty) is expected to cost, in words: at quick, the sum of
-    :data:`QUICK_SECONDS` (times :data:`COLD_FACTOR` with a cold compilation cache)."""
+    :data:`QUICK_SECONDS` (times :data:`COLD_FACTOR` with a cold compilation cache, divided by
+    :data:`LOCAL_SPEEDUP` with the local executor)."""
     if preset == "smoke":
         return "seconds per check (a code-path test)"
     if preset != "quick":
         return f"longer than the quick preset's {sum(QUICK_SECONDS.values()) / 60:.0f} min (no measured estimate)"
     nums = [check_number(n) for n in names] if names else list(range(1, len(QUICK_SECONDS) + 1))
     if any(n is None for n in nums):
-        return "unknown (a name that is not G1..G14)"
-    warm = sum(QUICK_SECONDS[f"G{n}"] for n in set(nums)) / 60
+        return f"unknown (a name that is not G1..G{len(QUICK_SECONDS)})"
+    warm = sum(QUICK_SECONDS[f"G{n}"] for n in set(nums)) / 60 / (LOCAL_SPEEDUP if executor == "local" else 1.0)
     if cold:
         return (f"about {warm * COLD_FACTOR:.0f} min on 2 idle CPU cores, as this is a first run: the compilation "
                 f"cache is empty (later runs about {max(warm, 1):.0f} min)")
@@ -101,13 +106,18 @@ def _span(seeds: list[int]) -> str:
     return f"{seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
 
 
-def announce(names: list[str], preset: str, seeds: list[int], out: Path) -> str:
+def announce(names: list[str], preset: str, seeds: list[int], out: Path, executor: str = "sequential",
+             judge: bool = False) -> str:
     """The first line a check run prints (before JAX or the checks are imported): what runs, where
-    the report goes, and what it is expected to cost."""
+    the report goes, who trains, and what it is expected to cost."""
     which = ", ".join(names) if names else f"all {len(QUICK_SECONDS)} checks (G1-G{len(QUICK_SECONDS)})"
-    return (f"gradsparse check: {which}, preset {preset}, seeds {_span(seeds)}, report in {out}; expected "
-            f"{expected_time(names, preset, cache_is_cold())}; a line per check follows, each saying how long "
-            f"it compiled and ran")
+    if judge:
+        return (f"gradsparse check: judging {which} again from the run folders in {out} (preset {preset}, seeds "
+                f"{_span(seeds)}); nothing is trained")
+    return (f"gradsparse check: {which}, preset {preset}, seeds {_span(seeds)}, report in {out}; runs trained by "
+            f"the {executor} executor first, then each check judged; expected "
+            f"{expected_time(names, preset, cache_is_cold(), executor)}; a line per check follows, each saying how "
+            f"long it compiled and ran")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -217,10 +227,11 @@ def stored_plan(folder: Path, flag: str) -> tuple[str, list[int]]:
 
 
 def default_executor() -> str:
-    """'local' where there are >= 2 CPU cores or accelerators, else 'sequential'."""
-    from gradsparse.executors import default_workers
+    """'local' where there are >= 2 CPU cores (measured 1.87x faster on the quick preset with 2 cores,
+    the same numbers), else 'sequential'. Decided without importing JAX (the first line comes first)."""
+    from gradsparse.executors import cpu_cores
 
-    return "local" if default_workers() >= 2 else "sequential"
+    return "local" if cpu_cores() >= 2 else "sequential"
 
 
 def _resolve(args: argparse.Namespace) -> tuple[str, list[int], Path]:
@@ -247,12 +258,24 @@ def _resolve(args: argparse.Namespace) -> tuple[str, list[int], Path]:
     return args.preset, list(range(n)), folder
 
 
+def _worker_compile_s(out: Path) -> float:
+    """Seconds the executor's jobs spent compiling, as report.json records them (0 when unknown)."""
+    import json
+
+    try:
+        return float(json.loads((out / "report.json").read_text(encoding="utf-8"))["execution"]["worker_compile_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
 def run(args: argparse.Namespace) -> int:
     if not args.list:  # the first line, at once: before the checks (and with them JAX's models) are imported
         check_seeds(args.seeds)
         preset, seeds, out = _resolve(args)
+        executor = args.executor or default_executor()
         if not args.quiet:
-            print(announce(list(args.names), preset, seeds, out), file=sys.stderr, flush=True)
+            print(announce(list(args.names), preset, seeds, out, executor, judge=args.judge is not None),
+                  file=sys.stderr, flush=True)
     # here, not at the top: the checks import the whole library, and `gradsparse --help` stays fast
     from theory_checks.suite import CompileClock, get_checks, run_checks, time_split
 
@@ -263,7 +286,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
-    executor = args.executor or default_executor()
     prev_meta, previous = _previous(out, preset, seeds, args.overwrite)
     if previous:
         now = {c.name for c in checks}
@@ -282,6 +304,8 @@ def run(args: argparse.Namespace) -> int:
                                       judge_only=args.judge is not None)
     wall = time.time() - t0
     split = time_split(wall, *clock.since((t0, 0, 0)))
+    if executor != "sequential" and args.judge is None:  # the workers' compiling is not this process's
+        split = f"{split}; in the workers the jobs compiled for {_worker_compile_s(out):.0f} s"
     counts = {v: sum(1 for r in results if r.verdict == v and not r.error) for v in ("PASS", "FAIL", "INCONCLUSIVE")}
     merged = f" (merged: the report holds {len({r.name for r in [*previous, *results]})} checks)" if previous else ""
     smoke = " [smoke: a code-path test, not evidence]" if preset == "smoke" else ""
