@@ -107,11 +107,28 @@ def _sequential(jobs: list[Job], runs_dir: Path, on_done: Callable[[JobOutcome],
 
 
 # --------------------------------------------------------------------------------------- local
+def _die_with_parent() -> None:
+    """On Linux, a local worker is killed when the process that started it dies (PR_SET_PDEATHSIG), so
+    a driver killed with SIGKILL leaves no worker training on (its run resumes with ``--resume``)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the driver died before the signal was set
+        os._exit(1)
+
+
 def _worker_init(cpu_threads: int | None, devices: Any = None) -> None:
     """A local worker's start: BLAS on ``cpu_threads`` threads (None: untouched; XLA's flags stay
     the driver's, so the workers compile the same kernels and share the persistent cache), one
     accelerator device of the queue ``devices`` (none: all visible, no memory preallocation), the
     persistent compilation cache on (workers share compiled executables through it)."""
+    _die_with_parent()
     if devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(devices.get())
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

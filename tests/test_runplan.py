@@ -188,3 +188,55 @@ def test_the_ray_executor_without_ray_says_how_to_install_it(tmp_path, monkeypat
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("gradsparse check: G1")]
     assert len(err) == 1 and "gradsparse[cluster]" in err[0]
     assert not (tmp_path / "c").exists()
+
+
+def test_local_workers_die_with_a_killed_driver(tmp_path):
+    """A driver killed with SIGKILL leaves no worker training on (it would hold the run folder's lock
+    that a --resume needs)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("from gradsparse.executors import execute; from gradsparse.runplan import RunPlan, RunSpec; "
+            "from test_runplan import TINY, CHECK_LOADER; "
+            "plan = RunPlan(RunSpec('long', TINY.replace(seed=s, steps=4000).to_dict(), data_seed=0, "
+            "loader=CHECK_LOADER) for s in range(2)); "
+            f"execute(plan, {str(tmp_path / 'runs')!r}, executor='local', workers=2, progress=False, "
+            "together=lambda c: False)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    driver = subprocess.Popen([sys.executable, "-c", code], env=env)
+
+    def children() -> list[int]:
+        out = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == driver.pid:
+                        out.append(int(d.name))
+                except (OSError, ValueError, IndexError):
+                    pass
+        return out
+
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((tmp_path / "runs").glob("*/log.jsonl")):
+            time.sleep(0.1)
+        kids = children()
+        assert kids, "no worker started"
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(Path(f"/proc/{k}").exists() and "Z" not in _state(k) for k in kids):
+        time.sleep(0.1)
+    alive = [k for k in kids if Path(f"/proc/{k}").exists() and "Z" not in _state(k)]
+    assert not alive, f"workers still running after the driver was killed: {alive}"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
