@@ -72,8 +72,10 @@ def ray_overhead(n_runs: int) -> dict:
     from gradsparse.config import TrainConfig
     from gradsparse.executors import execute
     from gradsparse.runplan import RunPlan, RunSpec
+    from gradsparse.runtime import enable_compilation_cache
     from theory_checks.suite import CHECK_LOADER
 
+    enable_compilation_cache()  # as the commands and every worker have it
     tiny = TrainConfig(model="mlp", data="mnist1d", width=8, depth=1, mlp_ratio=2, batch_size=16, steps=12,
                        log_every=4, eval_batch=32, flatness_every=0, checkpoint_every=0, n_train=256, n_test=64)
     plan = RunPlan(RunSpec("tiny", tiny.replace(seed=s).to_dict(), data_seed=0, loader=CHECK_LOADER)

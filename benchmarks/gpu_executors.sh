@@ -15,6 +15,6 @@ t0=$(date +%s)
 timeout 90 gradsparse bench --only fused,seeds --quick --out "$OUT/bench.md" || echo "bench: stopped after 90 s"
 timeout 240 gradsparse check --preset quick --executor local --out "$OUT/quick" --overwrite --quiet \
   || echo "quick preset: stopped after 240 s (report.json lists what finished)"
-timeout 150 python benchmarks/preset_runtimes.py --preset full --short 40 --long 200 --out "$OUT" \
+timeout 150 python benchmarks/preset_runtimes.py --preset full --short 100 --long 1000 --families 12 --out "$OUT" \
   || echo "full preset runtimes: stopped after 150 s"
 echo "wall $(( $(date +%s) - t0 )) s; load $(cut -d' ' -f1-3 /proc/loadavg)" | tee "$OUT/wall.txt"

@@ -58,6 +58,9 @@ QUICK_SECONDS = {"G1": 33, "G2": 8, "G3": 28, "G4": 47, "G5": 66, "G6": 15, "G7"
 #: same 2 CPU cores: 1705 s (compiling 660 s, running 1045 s; load 2.3-7.3) against 776 s (compiling 88 s,
 #: running 688 s; load 2-3.4)
 COLD_FACTOR = 2.2
+#: the same with the local executor (2 workers compile in parallel and share the cache): 914 s cold (the jobs
+#: compiled for 429 s) against 648 s warm (load 1.4-4.7)
+COLD_FACTOR_LOCAL = 1.41
 #: the whole quick preset's wall time, sequential / local executor (2 workers), in one run on 2 CPU cores:
 #: 1222 s / 653 s (load 1.5-4.5; benchmarks/executor_speed.py)
 LOCAL_SPEEDUP = 1.87
@@ -97,7 +100,8 @@ def expected_time(names: list[str], preset: str, cold: bool, executor: str = "se
         return f"unknown (a name that is not G1..G{len(QUICK_SECONDS)})"
     warm = sum(QUICK_SECONDS[f"G{n}"] for n in set(nums)) / 60 / (LOCAL_SPEEDUP if executor == "local" else 1.0)
     if cold:
-        return (f"about {warm * COLD_FACTOR:.0f} min on 2 idle CPU cores, as this is a first run: the compilation "
+        factor = COLD_FACTOR_LOCAL if executor == "local" else COLD_FACTOR
+        return (f"about {warm * factor:.0f} min on 2 idle CPU cores, as this is a first run: the compilation "
                 f"cache is empty (later runs about {max(warm, 1):.0f} min)")
     return f"about {max(warm, 1):.0f} min on 2 idle CPU cores (compilation cache warm)"
 
