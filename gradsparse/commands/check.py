@@ -125,7 +125,7 @@ def announce(names: list[str], preset: str, seeds: list[int], out: Path, executo
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("names", nargs="*", metavar="NAME", help="checks to run (G1 ... G14, or slugs); default: all")
+    p.add_argument("names", nargs="*", metavar="NAME", help="checks to run (G1 ... G16, or slugs); default: all")
     p.add_argument("--preset", choices=("smoke", "quick", "standard", "full"), default="quick",
                    help="smoke: seconds per check, a code-path test, not evidence; quick (default): the whole "
                         "suite on 2 CPU cores, 3 seeds; standard: 5 seeds and the full protocols on 2 cores; full: "
