@@ -108,9 +108,10 @@ def projection(preset: str, measured_preset: str, seconds_of: dict[str, float], 
     measured are counted in ``unmeasured_jobs`` and left out."""
     from gradsparse.executors import critical_path
     from gradsparse.runplan import RunPlan
+    from theory_checks.protocol import PRESET_SEEDS
     from theory_checks.suite import get_checks, preset_run_plan
 
-    seeds = lambda p: [0, 1, 2] if p in ("smoke", "quick") else [0, 1, 2, 3, 4]  # noqa: E731
+    seeds = lambda p: list(range(PRESET_SEEDS[p]))  # noqa: E731
     rate: dict[str, float] = {}
     for j in preset_run_plan(get_checks(), measured_preset, seeds(measured_preset)).jobs():
         if j.label in seconds_of:

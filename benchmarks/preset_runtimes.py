@@ -61,9 +61,10 @@ def main() -> None:
     import jax
 
     from gradsparse.executors import critical_path
+    from theory_checks.protocol import PRESET_SEEDS
     from theory_checks.suite import get_checks, preset_run_plan
 
-    seeds = [0, 1, 2] if args.preset in ("smoke", "quick") else [0, 1, 2, 3, 4]
+    seeds = list(range(PRESET_SEEDS[args.preset]))
     plan = preset_run_plan(get_checks(), args.preset, seeds)
     jobs = plan.jobs()
     fams: dict[str, object] = {}

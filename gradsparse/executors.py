@@ -80,10 +80,6 @@ def _check_workers(workers: int | None) -> int:
     return workers
 
 
-def _ready(jobs: list[Job], done: set[str]) -> list[Job]:
-    return [j for j in jobs if all(p in done for p in j.needs)]
-
-
 class _Scheduler:
     """Jobs in dependency order: ``take()`` the ready ones, ``finish(job)`` when a job is done."""
 
@@ -92,12 +88,34 @@ class _Scheduler:
         self.done: set[str] = set()
 
     def take(self) -> list[Job]:
-        ready = _ready(self.waiting, self.done)
+        ready = [j for j in self.waiting if all(p in self.done for p in j.needs)]
         self.waiting = [j for j in self.waiting if j not in ready]
         return ready
 
     def finish(self, job: Job) -> None:
         self.done.update(r.run_id for r in job.runs)
+
+
+def _drive(jobs: list[Job], on_done: Callable[[JobOutcome], None], submit: Callable[[Job], Any],
+           wait: Callable[[list[Any]], list[tuple[Any, JobOutcome]]], cancel: Callable[[list[Any]], None]) -> None:
+    """Run ``jobs`` parents first on a pool of workers: ``submit(job)`` starts one and returns its
+    handle, ``wait(handles)`` blocks until at least one is done and returns (handle, outcome) pairs,
+    ``cancel(handles)`` stops what still runs when anything goes wrong (Ctrl-C included)."""
+    sched = _Scheduler(jobs)
+    running: dict[Any, Job] = {}
+    try:
+        while sched.waiting or running:
+            for job in sched.take():
+                running[submit(job)] = job
+            if not running:
+                raise ValueError("run plan: jobs wait for parents that no job trains")
+            for handle, outcome in wait(list(running)):
+                job = running.pop(handle)
+                on_done(outcome)
+                sched.finish(job)
+    except BaseException:
+        cancel(list(running))
+        raise
 
 
 def _sequential(jobs: list[Job], runs_dir: Path, on_done: Callable[[JobOutcome], None], *, force: bool = False,
@@ -145,7 +163,6 @@ def _local(jobs: list[Job], runs_dir: Path, on_done: Callable[[JobOutcome], None
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    sched = _Scheduler(jobs)
     ctx = mp.get_context("spawn")
     devices = None
     if accelerators:  # one worker per device
@@ -154,23 +171,17 @@ def _local(jobs: list[Job], runs_dir: Path, on_done: Callable[[JobOutcome], None
             devices.put(i % accelerators)
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                                 initargs=(cpu_threads, devices)) as pool:
-        running: dict[Any, Job] = {}
-        try:
-            while sched.waiting or running:
-                for job in sched.take():
-                    running[pool.submit(run_job, job, str(runs_dir), force=force)] = job
-                if not running:
-                    raise ValueError("run plan: jobs wait for parents that no job trains")
-                done, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
-                for fut in done:
-                    job = running.pop(fut)
-                    on_done(fut.result())
-                    sched.finish(job)
-        except BaseException:
-            for fut in running:
-                fut.cancel()
+
+        def wait(futures: list[Any]) -> list[tuple[Any, JobOutcome]]:
+            done, _ = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
+            return [(f, f.result()) for f in done]
+
+        def cancel(futures: list[Any]) -> None:
+            for f in futures:
+                f.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
-            raise
+
+        _drive(jobs, on_done, lambda job: pool.submit(run_job, job, str(runs_dir), force=force), wait, cancel)
 
 
 # ----------------------------------------------------------------------------------------- ray
@@ -246,29 +257,26 @@ def _ray(jobs: list[Job], runs_dir: Path, on_done: Callable[[JobOutcome], None],
         marker = runs_dir / f".executor-{uuid.uuid4().hex[:12]}"
         if shared_fs is not False:  # a worker that sees the marker writes into runs_dir itself
             atomic_write_bytes(marker, b"")
-        sched = _Scheduler(jobs)
-        running: dict[Any, Job] = {}
+
+        def submit(job: Job) -> Any:
+            parents = None
+            if job.parents:  # shipped only to a worker that cannot see runs_dir
+                parents = {p.folder: pack_folder(runs_dir / p.folder) for p in job.parents}
+            return task.remote(job, str(runs_dir), str(marker), parents, cpu_threads, force)
+
+        def wait(refs: list[Any]) -> list[tuple[Any, JobOutcome]]:
+            done, _ = ray.wait(refs, num_returns=1)
+            out = []
+            for ref in done:
+                outcome, files = ray.get(ref)
+                for folder, packed in (files or {}).items():
+                    unpack_folder(packed, runs_dir / folder)
+                out.append((ref, outcome))
+            return out
+
         try:
-            while sched.waiting or running:
-                for job in sched.take():
-                    parents = None
-                    if job.parents:  # shipped only to a worker that cannot see runs_dir
-                        parents = {p.folder: pack_folder(runs_dir / p.folder) for p in job.parents}
-                    ref = task.remote(job, str(runs_dir), str(marker), parents, cpu_threads, force)
-                    running[ref] = job
-                if not running:
-                    raise ValueError("run plan: jobs wait for parents that no job trains")
-                done, _ = ray.wait(list(running), num_returns=1)
-                for ref in done:
-                    job = running.pop(ref)
-                    outcome, files = ray.get(ref)
-                    for folder, packed in (files or {}).items():
-                        unpack_folder(packed, runs_dir / folder)
-                    on_done(outcome)
-                    sched.finish(job)
+            _drive(jobs, on_done, submit, wait, lambda refs: [ray.cancel(r, force=True) for r in refs])
         finally:
-            for ref in running:
-                ray.cancel(ref, force=True)
             marker.unlink(missing_ok=True)
     finally:
         if started:

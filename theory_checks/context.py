@@ -16,7 +16,6 @@ rounding; the report names them (:meth:`Context.vmapped_since`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -150,16 +149,15 @@ class Context:
         if cache and rid in self._runs:
             return self._runs[rid]
         ds = self.data(cfg.data, cfg.n_train, cfg.n_test)
-        folder = self.index.get(rid)
-        if folder is not None and finished_config(folder, cfg.to_dict()):
-            res = train(cfg, folder, dataset=ds, start=start, progress=False, resume=True)
+        name = self.index[rid].name if rid in self.index else f"{tag}-{rid}"
+        if self._finished(rid, cfg):
+            res = train(cfg, self.index[rid], dataset=ds, start=start, progress=False, resume=True)
         elif not self.may_train:
-            raise Unavailable(f"run {folder.name if folder is not None else f'{tag}-{rid}'} is not in the run folders "
-                              "(judging trains nothing: train it with gradsparse check --resume)")
+            raise Unavailable(f"run {name} is not in the run folders (judging trains nothing: train it with "
+                              "gradsparse check --resume)")
         else:
             t0 = time.time()
-            res = train(cfg, self._run_dir(folder.name if folder is not None else f"{tag}-{rid}"), dataset=ds,
-                        start=start, progress=False)
+            res = train(cfg, self._run_dir(name), dataset=ds, start=start, progress=False)
             self.trained_here.append(rid)
             self.log(f"  trained {tag}-{rid}: {cfg.steps} steps in {time.time() - t0:.1f}s")
             release_compiled_code()
@@ -177,6 +175,10 @@ class Context:
                 raise ValueError("parent: not a run of this context")
         return run_id(cfg.to_dict(), pid)
 
+    def _finished(self, rid: str, cfg: TrainConfig) -> bool:
+        """Whether the executor's folder of run ``rid`` (:attr:`index`) holds ``cfg`` finished."""
+        return rid in self.index and finished_config(self.index[rid], cfg.to_dict())
+
     def _run_dir(self, name: str) -> Path | None:
         return self.out_dir / "runs" / name if self.out_dir is not None else None
 
@@ -191,8 +193,7 @@ class Context:
         seeds not cached yet trained together (:func:`gradsparse.train_seeds.train_seeds`) when
         :meth:`together` says so and no ``start`` or ``cache=False`` is given, else one after the other."""
         cfgs = [cfg.replace(seed=s).validate() for s in self.seeds]
-        todo = [c for c in cfgs if self.run_key(c) not in self._runs
-                and not (self.run_key(c) in self.index and finished_config(self.index[self.run_key(c)], c.to_dict()))]
+        todo = [c for c in cfgs if self.run_key(c) not in self._runs and not self._finished(self.run_key(c), c)]
         if (len(todo) >= 2 and self.may_train and kw.get("start") is None and kw.get("cache", True)
                 and self.together(cfgs[0])):
             keys = [self.run_key(c) for c in todo]

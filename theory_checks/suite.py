@@ -41,8 +41,8 @@ def run_check(check: Check, ctx: Context, *, fig_dir: Path | None = None, plan: 
     params = check.params(ctx.preset)
     if plan is None:  # the suite passes the plan it wrote to plan.json: the one judged is the one registered
         plan = check.make_plan(ctx.preset)
-    if plan is not None and plan.seeds and plan.seeds > len(ctx.seeds):
-        ctx = ctx.with_seeds(list(range(plan.seeds)))
+    if plan is not None and planned_seeds(plan, ctx.seeds) != list(ctx.seeds):
+        ctx = ctx.with_seeds(planned_seeds(plan, ctx.seeds))
     t0 = time.time()
     mark = ctx.mark()
     unavailable = False
@@ -149,6 +149,13 @@ class ChecksInterrupted(KeyboardInterrupt):
 PLAN_FILE = "plan.json"
 
 
+def planned_seeds(plan: Any, seeds: Sequence[int]) -> list[int]:
+    """The seeds a check with ``plan`` runs on: ``seeds``, or 0..plan.seeds-1 where its plan asks
+    for more (e.g. G10-G12's 5 at quick)."""
+    n = plan.seeds or 0
+    return list(range(n)) if n > len(seeds) else list(seeds)
+
+
 def check_plans(checks: Sequence[Any], plans: dict[str, Any], seeds: Sequence[int]) -> dict[str, Any]:
     """{check name: its plan (``plans[name]``) as data, with the seeds it will use}."""
     out: dict[str, Any] = {}
@@ -157,9 +164,7 @@ def check_plans(checks: Sequence[Any], plans: dict[str, Any], seeds: Sequence[in
         if plan is None:
             out[c.name] = {"plan": None, "seeds": list(seeds)}
             continue
-        n = max(len(seeds), plan.seeds or 0)
-        out[c.name] = {**plan.to_dict(), "seeds": list(seeds) if n == len(seeds) else list(range(n)),
-                       "title": c.title, "claim": c.claim}
+        out[c.name] = {**plan.to_dict(), "seeds": planned_seeds(plan, seeds), "title": c.title, "claim": c.claim}
     return out
 
 
@@ -199,10 +204,10 @@ def _arm_label(check: Any, arm_name: str) -> str:
 CHECK_LOADER = "theory_checks.context:load_data"
 
 
-def checks_run_plan(checks: Sequence[Any], plans: dict[str, Any], seeds_of: dict[str, list[int]]) -> Any:
+def checks_run_plan(checks: Sequence[Any], plans: dict[str, Any], seeds: Sequence[int]) -> Any:
     """The union of the checks' planned runs (:class:`gradsparse.runplan.RunPlan`): every arm of
-    every check's plan x the check's seeds (``seeds_of``), a finetune arm after its start arm,
-    each run once (deduplicated by the hash of its full config and parent)."""
+    every check's plan x the check's seeds (:func:`planned_seeds` of ``seeds``), a finetune arm
+    after its start arm, each run once (deduplicated by the hash of its full config and parent)."""
     from gradsparse.runplan import RunPlan, RunSpec
 
     rplan = RunPlan()
@@ -225,7 +230,7 @@ def checks_run_plan(checks: Sequence[Any], plans: dict[str, Any], seeds_of: dict
             return done[(a.name, s)]
 
         for a in plan.arms:
-            for s in seeds_of.get(c.name, []):
+            for s in planned_seeds(plan, seeds):
                 add(a, s)
     return rplan
 
@@ -233,9 +238,7 @@ def checks_run_plan(checks: Sequence[Any], plans: dict[str, Any], seeds_of: dict
 def preset_run_plan(checks: Sequence[Any], preset: str, seeds: Sequence[int]) -> Any:
     """The run plan (:func:`checks_run_plan`) of ``checks`` at ``preset`` with ``seeds``, as
     :func:`run_checks` would train it (nothing is trained or written)."""
-    plans = {c.name: c.make_plan(preset) for c in checks}
-    data = check_plans(checks, plans, list(seeds))
-    return checks_run_plan(checks, plans, {c.name: data[c.name]["seeds"] for c in checks})
+    return checks_run_plan(checks, {c.name: c.make_plan(preset) for c in checks}, seeds)
 
 
 def run_checks(checks: Sequence[Any], preset: str, out: Path, seeds: list[int], *, progress: bool = True,
@@ -276,9 +279,9 @@ def run_checks(checks: Sequence[Any], preset: str, out: Path, seeds: list[int], 
                             "wall_s": 0.0, "command": " ".join(sys.argv), "requested": [c.name for c in checks],
                             "vmap_seeds": vmap_seeds, "executor": "judge only" if judge_only else executor}
     plans = {c.name: c.make_plan(preset) for c in checks}
-    plan_data = write_plan(out, checks, plans, preset, ctx.seeds, keep=[r.name for r in previous])
-    meta["plan_sha256"] = plan_sha256(plan_data)
-    rplan = checks_run_plan(checks, plans, {c.name: plan_data["checks"][c.name]["seeds"] for c in checks})
+    meta["plan_sha256"] = plan_sha256(write_plan(out, checks, plans, preset, ctx.seeds,
+                                                 keep=[r.name for r in previous]))
+    rplan = checks_run_plan(checks, plans, ctx.seeds)
     ctx.index.update({rid: out / "runs" / spec.folder for rid, spec in rplan.runs.items()})
     earlier = {r.name: r for r in previous}
     prev_started = dict((previous_meta or {}).get("started_of") or {})
