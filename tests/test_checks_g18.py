@@ -137,7 +137,12 @@ def test_b_factor_split_is_exact_and_blocks_2_to_L_only():
     assert one["density_change"] == pytest.approx(7.0 - 7.0)     # block 1 is the decoy 7.0 there
 
 
-def test_gates_and_plan():
+def test_gates_and_plan_and_the_shared_run():
+    # the one arm is the shared plain-SGD baseline (G5's ref, G15's sgd): no new training
+    from theory_checks import g05_sgd_noise as g05
+    for preset in ("smoke", "quick", "full"):
+        (a,) = g18.CHECK.make_plan(preset).arms
+        assert a.config == {x.name: x.config for x in g05.CHECK.make_plan(preset).arms}["ref"]
     for preset in PRESETS:
         plan = g18.CHECK.make_plan(preset)
         assert plan.deciding == ["g2_active_falls", "g2_active_leads"]

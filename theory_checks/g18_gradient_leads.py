@@ -68,9 +68,10 @@ Plan (pre-registered):
   (the tautological one, shown so the reader sees it "pass"); the active small-gradient share; g's own
   sparsity; AF_K; the fixed-subset loss (what the gradient magnitude follows).
 - context effects: ``g1_active_falls`` (ln G1 start - end > ln 1.25: the L1 relaxation of the same
-  factor; G1 and G2 can move apart when the active gradients become heavy-tailed), ``af_k_falls`` (ln AF_K start - end > ln 1.25: the flatness side of (b)),
-  ``g_sparse_rises`` and ``active_small_rises`` (rise >= 0.01: ten times the ~1e-3 share a Gaussian-like
-  gradient has below 1e-3 RMS). (b)'s factor split (ln changes of AF_K, x_sq, #active, G2 and the
+  factor; G1 and G2 can move apart when the active gradients become heavy-tailed), ``af_k_falls``
+  (ln AF_K start - end > ln 1.25: the flatness side of (b)), ``g_sparse_rises`` and
+  ``active_small_rises`` (rise >= 0.01: ten times the ~1e-3 share a Gaussian-like gradient has below
+  1e-3 RMS). (b)'s factor split (ln changes of AF_K, x_sq, #active, G2 and the
   residual) is in ``per_seed`` and ``measured``; no verdict on the ratio itself (a restatement).
 - gates: ``density_fell`` (fixed-subset density fall >= 0.03 in every seed, G5's delta) and
   ``not_interpolated`` (end fixed-subset loss >= 0.05, G5's floor) on every part; ``*_moved`` per lag.
@@ -87,11 +88,12 @@ not part of this plan.
 
 Pilot (seeds 1000-1002, quick, outside the test seeds; the runs by ``python /tmp/h18/train_pilot.py``
 (the shared baseline through ``sgd_runs``, 30-33 s per seed at load 3-7), the numbers by this module's
-``run`` on ``Context(preset="quick", seeds=[1000, 1001, 1002])``: ``python /tmp/h18/pilot.py``; see ``PILOT``): density (fixed, 2..L)
-fall 0.160 +- 0.005 (0.50 -> 0.34), t50 493 / 578 / 498. G2 falls in the first 100-200 steps (the
-loss leaves chance) and then rises ~5-10x, ending ABOVE its init value: ln fall -1.08 / -1.04 / -1.27
-(g2_active_falls would FAIL; g2_active_leads has no t50: gate). G1 falls a little (ln 0.26 / 0.24 / 0.12; its t50 leads by ~500 steps): the
-active gradients become heavy-tailed (fitted examples' gradients shrink, the misfit ones' grow).
+``run`` on ``Context(preset="quick", seeds=[1000, 1001, 1002])``: ``python /tmp/h18/pilot.py``; see
+``PILOT``): density (fixed, 2..L) fall 0.160 +- 0.005 (0.50 -> 0.34), t50 493 / 578 / 498. G2 falls
+in the first 100-200 steps (the loss leaves chance) and then rises ~5-10x, ending ABOVE its init value: ln fall -1.08 / -1.04 / -1.27
+(g2_active_falls would FAIL; g2_active_leads has no t50: gate). G1 falls a little (ln 0.26 / 0.24 /
+0.12; its t50 leads by ~500 steps): the active gradients become heavy-tailed (fitted examples'
+gradients shrink, the misfit ones' grow).
 ||eta||^2 and AF_K also end above their start (ln -0.71 and -0.70); (b)'s split of ln AF_K's change
 +0.70 = x_sq -0.004 + #active -0.386 + G2 +1.13 + residual -0.037: AF_K rises, carried by G2, while
 the count falls. Lags (steps): g_sparse +536 +- 221 and the active small share +534 +- 236 (t50 ~
@@ -111,7 +113,7 @@ from theory_checks.context import SGD, Context, describe, sgd_config, sgd_runs, 
 from theory_checks.g05_sgd_noise import DENSITY_SOURCE, LOSS_FLOOR, MIN_DENSITY
 from theory_checks.plan import CheckPlan, GatePlan, PartPlan, arm
 from theory_checks.protocol import Check, Finding
-from theory_checks.verdicts import Gate, Verdict, effect_verdict, fmt, margin_verdict, mean_sd
+from theory_checks.verdicts import Gate, Verdict, effect_verdict, margin_verdict, mean_sd
 
 #: the monitors read: the fixed training subset (SPEC 3.4)
 PREFIX = "fixed"
@@ -195,7 +197,8 @@ def parts_for(preset: str) -> list[PartPlan]:
         PartPlan("af_k_falls", "effect", "context", "ln AF_K(start) - ln AF_K(end) (fixed subset, blocks 2..L)",
                  MIN_LN_FALL, LN_SOURCE, gates=base, why="the flatness side of (b): AF_K = ||x||^2 #active G2"),
         PartPlan("g_sparse_rises", "effect", "context", "g_sparse(end) - g_sparse(start), g's own sparsity at 1e-3 RMS",
-                 MIN_SHARE_RISE, SHARE_SOURCE, gates=base, why="scale-free, before the mask; counts tokens (docstring)"),
+                 MIN_SHARE_RISE, SHARE_SOURCE, gates=base,
+                 why="scale-free, before the mask; counts tokens (docstring)"),
         PartPlan("active_small_rises", "effect", "context",
                  "active small-gradient share (end - start), (eta_sparse - act_sparsity) / density", MIN_SHARE_RISE,
                  SHARE_SOURCE, gates=base, why="scale-free, among active entries; counts tokens (docstring)"),
@@ -210,8 +213,8 @@ def gate_plans() -> list[GatePlan]:
     out = [
         GatePlan("not_interpolated", ">=", LOSS_FLOOR, "sgd: min over seeds of the fixed-subset loss over the last "
                  "10% of logs (G5's floor)", arms=("sgd",)),
-        GatePlan("density_fell", ">=", MIN_DENSITY, "sgd: min over seeds of the fixed-subset density fall (blocks 2..L, "
-                 "start - end; G5's delta: " + DENSITY_SOURCE + ")", arms=("sgd",)),
+        GatePlan("density_fell", ">=", MIN_DENSITY, "sgd: min over seeds of the fixed-subset density fall (blocks "
+                 "2..L, start - end; G5's delta: " + DENSITY_SOURCE + ")", arms=("sgd",)),
     ]
     for q in LAGGED:
         scale, direction, what = QUANTITIES[q]
