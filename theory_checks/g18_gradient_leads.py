@@ -91,9 +91,9 @@ Pilot (seeds 1000-1002, quick, outside the test seeds; the runs by ``python /tmp
 ``run`` on ``Context(preset="quick", seeds=[1000, 1001, 1002])``: ``python /tmp/h18/pilot.py``; see
 ``PILOT``): density (fixed, 2..L) fall 0.160 +- 0.005 (0.50 -> 0.34), t50 493 / 578 / 498. G2 falls
 in the first 100-200 steps (the loss leaves chance) and then rises ~5-10x, ending ABOVE its init
-value: ln fall -1.08 / -1.04 / -1.27 (g2_active_falls would FAIL; g2_active_leads has no t50: gate). G1 falls a little (ln 0.26 / 0.24 /
-0.12; its t50 leads by ~500 steps): the active gradients become heavy-tailed (fitted examples'
-gradients shrink, the misfit ones' grow).
+value: ln fall -1.08 / -1.04 / -1.27 (g2_active_falls would FAIL; g2_active_leads has no t50: gate).
+G1 falls a little (ln 0.26 / 0.24 / 0.12; its t50 leads by ~500 steps): the active gradients become
+heavy-tailed (fitted examples' gradients shrink, the misfit ones' grow).
 ||eta||^2 and AF_K also end above their start (ln -0.71 and -0.70); (b)'s split of ln AF_K's change
 +0.70 = x_sq -0.004 + #active -0.386 + G2 +1.13 + residual -0.037: AF_K rises, carried by G2, while
 the count falls. Lags (steps): g_sparse +536 +- 221 and the active small share +534 +- 236 (t50 ~
