@@ -66,7 +66,12 @@ Design notes: (1) eta from the per-sample loss, not the batch mean: the samples 
 interact, so the batch-mean eta is the per-sample one / B; the vmap makes that explicit and is what
 the tests check against jax.grad of one sample's loss wrt K. (2) C is a ratio of sums over samples
 (not a mean of per-sample ratios), so samples with tiny gradients do not dominate. (3) Analysis
-only: ~3 s per seed for four models on 2 cores.
+only: 17 s for 3 seeds (pilot) and 34 s for 5 seeds with loading the 15 runs and the figure (quick),
+both on 2 cores at load 8-9 shared with other jobs.
+
+Quick result (seeds 0-4, docs/checks/g19.md): FAIL. noise_less_cancellation 0.012 [-0.005, 0.028],
+zeroth_bias_more_token_noise 0.005 [-0.011, 0.021] (delta 0.04); C init 4.00, vanilla 1.090, rho
+0.5 1.103, zeroth bias 1.085, shuffled 1.039: no net cancellation in the trained LM at this size.
 """
 
 from __future__ import annotations
