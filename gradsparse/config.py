@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from gradsparse._validate import check_bool, check_choice, check_float, check_int
 from gradsparse.activations import Activation, get_activation
 from gradsparse.data import DATASETS
+from gradsparse.models.common import NORMS
 from gradsparse.plugins.noise import NOISE_KINDS, NOISE_PER
 from gradsparse.plugins.zeroth_bias import PLACEMENTS
 
@@ -115,7 +116,12 @@ class TrainConfig(RunConfig):
     """Everything that defines a run. ``validate()`` raises ValueError naming the bad field.
 
     Model: ``model`` (mlp | vit | lm), ``width`` d, ``mlp_ratio`` (n = mlp_ratio * d), ``depth``
-    (MLP blocks), ``heads``, ``patch`` (ViT), ``seq_len`` (LM), ``ln_affine``, ``residual`` (mlp).
+    (MLP blocks), ``heads``, ``patch`` (ViT), ``seq_len`` (LM), ``ln_affine``, ``residual`` (mlp),
+    ``norm`` (mlp only: what feeds each block's key layer; "layernorm" (default) = the LayerNorm,
+    "none" = the residual stream h itself, "scale" = s LN(h) with LN without affine part and one
+    learnable scalar s per block, init 1; the final LayerNorm before the classifier is kept in all
+    three; the non-default values need ``restricted_ln`` and ``zeroth_bias`` off, which act on the
+    LayerNorm's parameters. Configs written before this field read as the default.)
     Optimisation: ``optimizer`` (sgd | adam | adamw), ``lr``, ``momentum`` (sgd), ``weight_decay``
     ``label_noise`` p (a fraction p of each batch's labels resampled uniformly: label-noise SGD),
     (coupled L2 for sgd/adam, decoupled for adamw), ``schedule`` (constant | cosine) after
@@ -152,6 +158,7 @@ class TrainConfig(RunConfig):
     seq_len: int = 32
     ln_affine: bool = True
     residual: bool = True
+    norm: str = "layernorm"
     steps: int = 3000
     batch_size: int = 64
     optimizer: str = "adam"
@@ -205,6 +212,15 @@ class TrainConfig(RunConfig):
         check_choice("weight_noise", self.weight_noise, NOISE_KINDS)
         check_choice("noise_per", self.noise_per, NOISE_PER)
         check_choice("zeroth_bias_placement", self.zeroth_bias_placement, PLACEMENTS)
+        check_choice("norm", self.norm, NORMS)
+        if self.norm != "layernorm":
+            if self.model != "mlp":
+                raise ValueError(f"norm: {self.norm!r} is only built for model 'mlp', got model {self.model!r}; "
+                                 "allowed for the other models: 'layernorm'")
+            for name in ("restricted_ln", "zeroth_bias"):
+                if getattr(self, name) is True:
+                    raise ValueError(f"norm: {self.norm!r} has no LayerNorm parameters for {name} to act on; "
+                                     f"allowed with {name}: 'layernorm'")
         if not isinstance(self.activation, str):
             raise ValueError(f"activation: must be a name string, got {self.activation!r}")
         try:

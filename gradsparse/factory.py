@@ -69,7 +69,8 @@ def bare_model(cfg: TrainConfig, info: DataInfo, key: Array) -> Any:
     if cfg.model == "mlp":
         d_in = int(np.prod(info.input_shape))
         return ResidualMLP.create(key, d_in, info.num_classes, width=cfg.width, depth=cfg.depth,
-                                  mlp_ratio=cfg.mlp_ratio, act=act, ln_affine=cfg.ln_affine, residual=cfg.residual)
+                                  mlp_ratio=cfg.mlp_ratio, act=act, ln_affine=cfg.ln_affine, residual=cfg.residual,
+                                  norm=cfg.norm)
     if cfg.model == "vit":
         if len(info.input_shape) != 2:
             raise ValueError(f"model 'vit' needs 2-D images, data has input shape {info.input_shape}")

@@ -49,14 +49,25 @@ def _canonical(obj: Any) -> str:
     return json.dumps(json_ready(obj), sort_keys=True, separators=(",", ":"))
 
 
+#: config fields added after run ids existed, with their defaults: at the default they are left out
+#: of the digest (and of the finished-run comparison), so every run id and run folder written before
+#: the field existed stays valid; a non-default value enters the digest as any field does
+LATE_DEFAULTS: dict[str, Any] = {"norm": "layernorm"}
+
+
+def _without_late_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if not (k in LATE_DEFAULTS and v == LATE_DEFAULTS[k])}
+
+
 def config_digest(config: Mapping[str, Any], parent: str | None = None) -> str:
-    """12 hex digits of SHA-256 over the canonical JSON of ``config`` without its seed and the
-    ``parent`` run id: the seeds of one config share it."""
+    """12 hex digits of SHA-256 over the canonical JSON of ``config`` without its seed, and without
+    the fields of :data:`LATE_DEFAULTS` at their defaults, and the ``parent`` run id: the seeds of
+    one config share it."""
     if not isinstance(config, Mapping):
         raise ValueError(f"config: got {type(config).__name__}; allowed: a mapping (TrainConfig.to_dict())")
     if parent is not None and not isinstance(parent, str):
         raise ValueError(f"parent: got {type(parent).__name__}; allowed: a run id (str) or None")
-    rest = {k: v for k, v in config.items() if k != "seed"}
+    rest = {k: v for k, v in _without_late_defaults(config).items() if k != "seed"}
     return hashlib.sha256(_canonical({"config": rest, "parent": parent}).encode()).hexdigest()[:12]
 
 
@@ -302,13 +313,17 @@ def finished(folder: Path, spec: RunSpec) -> bool:
 
 def finished_config(folder: str | Path, config: Mapping[str, Any]) -> bool:
     """Whether ``folder`` holds a finished run (``summary.json``) whose ``config.json`` is ``config``
-    (``TrainConfig.to_dict()``, seed included)."""
+    (``TrainConfig.to_dict()``, seed included; the fields of :data:`LATE_DEFAULTS` at their defaults
+    count as absent on both sides, so a run written before such a field existed is still finished)."""
     folder = Path(folder)
     try:
         stored = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return (folder / "summary.json").is_file() and _canonical(stored) == _canonical(dict(config))
+    if not isinstance(stored, dict):
+        return False
+    return (folder / "summary.json").is_file() and (_canonical(_without_late_defaults(stored))
+                                                    == _canonical(_without_late_defaults(config)))
 
 
 def _has_checkpoint(folder: Path) -> bool:

@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from gradsparse.commands import add_run_folder_flags, check_run_out, path_arg
-from gradsparse.config import MODELS, NOISE_KINDS, OPTIMIZERS, SCHEDULES, TrainConfig, check_resumable
+from gradsparse.config import MODELS, NOISE_KINDS, NORMS, OPTIMIZERS, SCHEDULES, TrainConfig, check_resumable
 from gradsparse import data
 from gradsparse.data import DATASETS
 from gradsparse.errors import TrainingDiverged
@@ -83,6 +83,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--restricted-ln", action="store_true", default=None, help="restricted LayerNorm")
     p.add_argument("--no-ln-affine", dest="ln_affine", action="store_false", default=None,
                    help="LayerNorms without gain and shift (default: with them)")
+    p.add_argument("--norm", choices=NORMS,
+                   help=f"what feeds each MLP block's key layer, model mlp only: the LayerNorm, the residual "
+                        f"stream itself (none) or a LayerNorm without affine times a learnable scalar (scale) "
+                        f"(default {d.norm})")
     p.add_argument("--plain", dest="residual", action="store_false", default=None, help="plain (non-residual) LN-MLP")
     p.add_argument("--track-covariance", action="store_true", default=None,
                    help="carry the decayed input and effective-gradient covariances in the step (SPEC 3.3)")

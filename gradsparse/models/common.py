@@ -6,6 +6,7 @@ All blocks act on token-flattened arrays ``(N, features)`` (N = batch x tokens):
 The MLP block is the object of study (SPEC 1)::
 
     x_t = LN(h_t) (+ b0[pos_t] with the zeroth bias at the input)   (N, d)
+          (the MLP's ``norm`` ablation: x_t = h_t, or s LN(h_t) with a learnable scalar s)
     z_t = K x_t + b_K (+ weight / synapse noise during training)    (N, n)
     a_t = sigma(z_t) + probe_a                                       (N, n)
     y_t = V a_t + b_V + probe_y (+ b0[pos_t] at the output)          (N, d)
@@ -28,6 +29,19 @@ from gradsparse.activations import Activation
 Array = jax.Array
 
 
+#: what precedes the key layer of an MLP block (``TrainConfig.norm``): a LayerNorm, nothing, or a
+#: LayerNorm without affine part times one learnable scalar
+NORMS = ("layernorm", "none", "scale")
+
+
+def normalize(h: Array, eps: float) -> Array:
+    """(h - mean) / sqrt(var + eps) over the last axis (the LayerNorm without its affine part)."""
+    mu = jnp.mean(h, axis=-1, keepdims=True)
+    c = h - mu
+    var = jnp.mean(c * c, axis=-1, keepdims=True)
+    return c * jax.lax.rsqrt(var + eps)
+
+
 class LayerNorm(eqx.Module):
     """LayerNorm over the last axis: (h - mean) / sqrt(var + eps) * gamma + beta.
 
@@ -48,15 +62,48 @@ class LayerNorm(eqx.Module):
         return LayerNorm(w, b, eps)
 
     def __call__(self, h: Array) -> Array:
-        mu = jnp.mean(h, axis=-1, keepdims=True)
-        c = h - mu
-        var = jnp.mean(c * c, axis=-1, keepdims=True)
-        x = c * jax.lax.rsqrt(var + self.eps)
+        x = normalize(h, self.eps)
         if self.weight is not None:
             x = x * self.weight
         if self.bias is not None:
             x = x + self.bias
         return x
+
+
+class NoNorm(eqx.Module):
+    """The identity where a block's LayerNorm would be (``norm="none"``): x = h, so ||x_t||^2 is
+    the residual stream's own norm, free to grow or shrink."""
+
+    def __call__(self, h: Array) -> Array:
+        return h
+
+
+class ScaledLayerNorm(eqx.Module):
+    """s * LN(h), LN without affine part, ``scale`` s one learnable scalar (shape ()), init 1
+    (``norm="scale"``): ||x_t||^2 = s^2 d var_t/(var_t + eps), so the block can shrink its input norm
+    with one parameter while its direction stays normalised."""
+
+    scale: Array
+    eps: float = eqx.field(static=True, default=1e-5)
+
+    @staticmethod
+    def create(eps: float = 1e-5) -> "ScaledLayerNorm":
+        return ScaledLayerNorm(jnp.ones((), jnp.float32), eps)
+
+    def __call__(self, h: Array) -> Array:
+        return normalize(h, self.eps) * self.scale
+
+
+def make_norm(d: int, norm: str = "layernorm", ln_affine: bool = True) -> Any:
+    """The module before a block's key layer: ``LayerNorm(d, ln_affine)`` ("layernorm"),
+    :class:`NoNorm` ("none") or :class:`ScaledLayerNorm` ("scale"; ``ln_affine`` does not apply)."""
+    if norm == "layernorm":
+        return LayerNorm.create(d, ln_affine)
+    if norm == "none":
+        return NoNorm()
+    if norm == "scale":
+        return ScaledLayerNorm.create()
+    raise ValueError(f"norm: got {norm!r}; allowed: {', '.join(NORMS)}")
 
 
 class Dense(eqx.Module):
@@ -97,12 +144,13 @@ class Dense(eqx.Module):
 class MLPBlock(eqx.Module):
     """The LayerNorm-ed MLP of SPEC 1 with probe inputs; see the module docstring.
 
-    Fields: ``ln`` (the preceding LayerNorm), ``key`` (K: Dense d -> n), ``value`` (V: Dense n -> d),
+    Fields: ``ln`` (the preceding LayerNorm; with ``norm`` "none" / "scale" a :class:`NoNorm` /
+    :class:`ScaledLayerNorm`), ``key`` (K: Dense d -> n), ``value`` (V: Dense n -> d),
     ``act`` (activation), ``zeroth_bias`` ((S, d) array or None, SPEC 4.1), ``noise`` (a weight /
     synapse noise module or None, SPEC 4.4; applied only when a PRNG key is passed).
     """
 
-    ln: LayerNorm
+    ln: LayerNorm | NoNorm | ScaledLayerNorm
     key: Dense
     value: Dense
     act: Activation
@@ -111,9 +159,10 @@ class MLPBlock(eqx.Module):
     noise: Any = None
 
     @staticmethod
-    def create(key: Array, d: int, n: int, act: Activation, ln_affine: bool = True) -> "MLPBlock":
+    def create(key: Array, d: int, n: int, act: Activation, ln_affine: bool = True,
+               norm: str = "layernorm") -> "MLPBlock":
         k1, k2 = jax.random.split(key)
-        return MLPBlock(LayerNorm.create(d, ln_affine), Dense.create(k1, d, n), Dense.create(k2, n, d), act)
+        return MLPBlock(make_norm(d, norm, ln_affine), Dense.create(k1, d, n), Dense.create(k2, n, d), act)
 
     @property
     def d(self) -> int:

@@ -1,7 +1,9 @@
 """LayerNorm-ed MLPs for vector inputs (mnist1d, synthetic sets, flattened images).
 
 ``ResidualMLP`` (default): h = W_in x; L blocks h <- h + MLP(LN(h)); logits = head(LN_f(h)).
-With ``residual=False`` it is the plain LN-MLP: h <- MLP(LN(h)). Each sample is one token
+With ``residual=False`` it is the plain LN-MLP: h <- MLP(LN(h)). ``norm`` replaces the blocks' LN
+(the final LN_f stays): "none" feeds h itself to the MLP, "scale" feeds s LN(h) (LN without affine
+part, one learnable scalar s per block; :func:`gradsparse.models.common.make_norm`). Each sample is one token
 (S = 1, so the zeroth bias is a single (1, d) row).
 """
 
@@ -13,7 +15,7 @@ import jax.numpy as jnp
 
 from gradsparse._validate import check_int
 from gradsparse.activations import Activation, ReLU
-from gradsparse.models.common import Dense, LayerNorm, MLPBlock
+from gradsparse.models.common import NORMS, Dense, LayerNorm, MLPBlock
 
 Array = jax.Array
 
@@ -30,13 +32,15 @@ class ResidualMLP(eqx.Module):
     @staticmethod
     def create(key: Array, d_in: int, num_classes: int, *, width: int = 128, depth: int = 4,
                mlp_ratio: int = 4, act: Activation | None = None, ln_affine: bool = True,
-               residual: bool = True) -> "ResidualMLP":
+               residual: bool = True, norm: str = "layernorm") -> "ResidualMLP":
         for name, v in (("d_in", d_in), ("num_classes", num_classes), ("width", width), ("depth", depth),
                         ("mlp_ratio", mlp_ratio)):
             check_int(f"ResidualMLP {name}", v, 1)
+        if norm not in NORMS:
+            raise ValueError(f"ResidualMLP norm: got {norm!r}; allowed: {', '.join(NORMS)}")
         act = act if act is not None else ReLU()
         keys = jax.random.split(key, depth + 2)
-        blocks = [MLPBlock.create(keys[i], width, mlp_ratio * width, act, ln_affine) for i in range(depth)]
+        blocks = [MLPBlock.create(keys[i], width, mlp_ratio * width, act, ln_affine, norm) for i in range(depth)]
         return ResidualMLP(Dense.create(keys[-2], d_in, width), blocks, LayerNorm.create(width, ln_affine),
                            Dense.create(keys[-1], width, num_classes), residual)
 
