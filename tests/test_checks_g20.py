@@ -68,6 +68,8 @@ def test_worst_direction_of_a_quadratic_finds_the_top_eigenvalue():
     g = np.asarray(jax.grad(f)(w1)["a"])
     step = float(f({"a": w1["a"] + eps * jnp.asarray(g / np.linalg.norm(g))})) - float(f(w1))
     assert float(out1["increase"]) >= step - 1e-6
+    lam = jax.jit(lambda k: g20.top_curvature(q, w, k, 60))(jax.random.key(1))
+    assert float(lam) == pytest.approx(3.0, rel=1e-3)
     with pytest.raises(ValueError):
         g20.worst_increase(q, w, eps, jax.random.key(0), -1)
     with pytest.raises(ValueError):
@@ -145,7 +147,7 @@ def test_normalised_rx_and_relative_weight_perturbations_are_invariant_to_rescal
 def _nums(loss, tn, rx, worst, amp=None, af=None, ratio=1.0):
     n = len(loss)
     return [{"loss": loss[i], "trace_norm": tn[i], "rx_norm": rx[i], "worst": worst[i],
-             "rx_amp": (amp or rx)[i], "af_norm": (af or tn)[i], "rand_ratio": ratio} for i in range(n)]
+             "rx_amp": (amp or rx)[i], "worst2": worst[i], "af_norm": (af or tn)[i], "rand_ratio": ratio} for i in range(n)]
 
 
 def _synthetic(flip_lm=False):
@@ -220,3 +222,36 @@ def test_plan_reuses_g5_and_g12_arms_and_gates_every_primary():
     assert arms["lm_rho0"] == g12a["rho0"] and arms["lm_rho0.5"] == g12a["rho0.5"]
     assert g20.CHECK.make_plan("quick").deciding == ["sgd_lr_robust_x", "sgd_lr_robust_w", "lm_noise_robust_x",
                                                      "lm_noise_robust_w"]
+
+
+def test_random_increase_on_a_smooth_tiny_model_matches_the_exact_hessian():
+    """GELU (smooth): per draw, the antithetic increase of all key matrices at a small eps is
+    eps^2/2 u^T H_K u with the exact Hessian (the same directions, regenerated from the same keys),
+    so its mean over the sphere is eps^2/(2p) tr(H_K). (With ReLU the kinks, which the Hessian does
+    not see, add a term of the same order: the check's consistency part reads its ratio so.)"""
+    from gradsparse.activations import GELU
+
+    model = ResidualMLP.create(jax.random.key(0), 6, 3, width=4, depth=2, mlp_ratio=2, act=GELU())
+    x, y = _data(32)
+    ks = g20.key_weights(model)
+    f = lambda k: g20.mean_loss(g20.with_keys(model, k), x, y)  # noqa: E731
+    hess = jax.jit(jax.hessian(f))(ks)  # blocks H[i][j] of shape K_i.shape + K_j.shape
+    sizes = [k.size for k in ks]
+    H = np.block([[np.asarray(hess[i][j]).reshape(sizes[i], sizes[j]) for j in range(len(ks))]
+                  for i in range(len(ks))]).astype(np.float64)
+    p = int(sum(sizes))
+    eps = 0.02 * float(g20._norm(ks))
+    key, draws = jax.random.key(2), 64
+    mean, vals = jax.jit(lambda k: g20.random_increase(f, ks, eps, k, draws))(key)
+    quad = []
+    for k in jax.random.split(key, draws):  # the directions random_increase drew
+        u = g20._normal_like(k, ks)
+        v = np.concatenate([np.asarray(a).reshape(-1) for a in u]).astype(np.float64)
+        v /= np.linalg.norm(v)
+        quad.append(0.5 * eps ** 2 * v @ H @ v)
+    quad = np.asarray(quad)
+    np.testing.assert_allclose(np.asarray(vals), quad, rtol=0.03, atol=0.03 * np.abs(quad).mean())
+    # over an orthonormal basis the mean of u^T H u is tr(H)/p exactly: the closed form's mean
+    basis = np.linalg.qr(np.random.default_rng(0).normal(size=(p, p)))[0]
+    assert np.mean([0.5 * eps ** 2 * b @ H @ b for b in basis.T]) == pytest.approx(
+        g20.random_closed_form(eps, float(np.trace(H)), p), rel=1e-9)
