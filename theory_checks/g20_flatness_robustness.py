@@ -519,9 +519,19 @@ def fixed_subset(ds: Any, cfg: Any) -> tuple[np.ndarray, np.ndarray]:
     return ds.x_train[:cfg.flatness_subset], ds.y_train[:cfg.flatness_subset]
 
 
+def without_noise(model: Any) -> Any:
+    """``model`` with its blocks' weight-noise modules removed: the same function in eval mode (the
+    noise applies only when a PRNG key is passed), and one compiled structure for all arms."""
+    blocks = [b for b in model.mlp_blocks() if b.noise is not None]
+    if not blocks:
+        return model
+    return eqx.tree_at(lambda m: [b.noise for b in m.mlp_blocks() if b.noise is not None], model,
+                       [None] * len(blocks))
+
+
 def run_numbers(ctx: Context, run: Any, cfg: Any, p: Mapping[str, Any]) -> dict[str, float]:
     """All numbers of one run (one seed of one arm)."""
-    model = run.model
+    model = without_noise(run.model)
     p_entries = int(sum(int(np.prod(k.shape)) for k in key_weights(model)))
     out = log_numbers(run.history, p_entries)
     ds = ctx.data(cfg.data, cfg.n_train, cfg.n_test)
