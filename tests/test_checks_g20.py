@@ -147,7 +147,8 @@ def test_normalised_rx_and_relative_weight_perturbations_are_invariant_to_rescal
 def _nums(loss, tn, rx, worst, amp=None, af=None, ratio=1.0):
     n = len(loss)
     return [{"loss": loss[i], "trace_norm": tn[i], "rx_norm": rx[i], "worst": worst[i],
-             "rx_amp": (amp or rx)[i], "worst2": worst[i], "af_norm": (af or tn)[i], "rand_ratio": ratio} for i in range(n)]
+             "rx_amp": (amp or rx)[i], "worst2": worst[i], "af_norm": (af or tn)[i], "rand_ratio": ratio}
+            for i in range(n)]
 
 
 def _synthetic(flip_lm=False):

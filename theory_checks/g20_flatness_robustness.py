@@ -77,7 +77,7 @@ itself (the loss increase), whose loss-level factor is part of what flatness pre
 Pilot (seeds 1000-1002, outside the test seeds, quick; ``python /tmp/h20/pilot.py``: this module's
 own ``run`` on ``Context(preset="quick", seeds=[1000, 1001, 1002])`` over the five arms, trained by
 /tmp/h20/train_pilot.py through ``sgd_runs`` / ``lm_runs``; the analysis took 38 s at load 6-8 with a
-cold compilation cache). Per arm, mean over the seeds:
+cold compilation cache, before both LM arms shared one compiled structure). Per arm, mean over the seeds:
 
 | arm | fixed loss | T_norm | R_x~ | dL_worst | eps^2 lambda_max/2 | ||grad|| | random / closed form |
 |---|---|---|---|---|---|---|---|
@@ -133,7 +133,7 @@ from theory_checks.g05_sgd_noise import LOSS_FLOOR, MIN_LOG_TRACE
 from theory_checks.g12_weight_noise_transformer import late_mean, normalised_trace
 from theory_checks.plan import CheckPlan, GatePlan, PartPlan, arm
 from theory_checks.protocol import Check, Finding
-from theory_checks.verdicts import Gate, Verdict, effect_verdict, fmt, margin_verdict, mean_sd
+from theory_checks.verdicts import Gate, Verdict, effect_verdict, margin_verdict, mean_sd
 
 Array = jax.Array
 
@@ -566,7 +566,8 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
     vals, gates = measure(nums)
     parts = {pp.name: decide(vals[pp.name], pp) for pp in PARTS}
     keys = ("loss", "trace", "trace_norm", "trace_last", "af_norm", "af_trace_spearman_late", "rx", "rx_norm",
-            "rx_amp", "g_out", "x_sq", "worst", "worst2", "lambda_max", "lambda_u", "grad_norm", "cos_grad", "rand", "rand_closed_form",
+            "rx_amp", "g_out", "x_sq", "worst", "worst2", "lambda_max", "lambda_u", "grad_norm", "cos_grad", "rand",
+            "rand_closed_form",
             "rand_ratio", "k_norm")
     per_seed: dict[str, list[float]] = {}
     for a in nums:
