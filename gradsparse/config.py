@@ -98,7 +98,7 @@ class RunConfig:
         if type(stored) is not type(self):
             raise ValueError(f"check_resumable compares two {type(self).__name__} objects, got "
                              f"{type(stored).__name__}")
-        a, b = stored.to_dict(), self.to_dict()
+        a, b = RunConfig.to_dict(stored), RunConfig.to_dict(self)  # every field (no subclass omissions)
         for name in a:
             if name != "steps" and name not in self.RESUME_FREE and a[name] != b[name]:
                 raise ValueError(f"{name}: {b[name]!r} differs from {a[name]!r} of {where}; a resumed run keeps its "
@@ -121,7 +121,8 @@ class TrainConfig(RunConfig):
     "none" = the residual stream h itself, "scale" = s LN(h) with LN without affine part and one
     learnable scalar s per block, init 1; the final LayerNorm before the classifier is kept in all
     three; the non-default values need ``restricted_ln`` and ``zeroth_bias`` off, which act on the
-    LayerNorm's parameters. Configs written before this field read as the default.)
+    LayerNorm's parameters. Configs written before this field read as the default, and ``to_dict``
+    leaves it out at the default: :attr:`LATE_DEFAULTS`.)
     Optimisation: ``optimizer`` (sgd | adam | adamw), ``lr``, ``momentum`` (sgd), ``weight_decay``
     ``label_noise`` p (a fraction p of each batch's labels resampled uniformly: label-noise SGD),
     (coupled L2 for sgd/adam, decoupled for adamw), ``schedule`` (constant | cosine) after
@@ -190,6 +191,16 @@ class TrainConfig(RunConfig):
     fuse_steps: int = 16
     surgery: dict[str, Any] | None = None
     parent: str | None = None
+
+    #: fields added after run folders and run ids existed, with their defaults: ``to_dict`` leaves
+    #: them out at the default, so config.json, checkpoint headers and run ids of default runs are the
+    #: bytes they were before the field existed (gradsparse.runplan.LATE_DEFAULTS, which the run ids
+    #: use, lists the same)
+    LATE_DEFAULTS: ClassVar[dict[str, Any]] = {"norm": "layernorm"}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        return {k: v for k, v in d.items() if not (k in self.LATE_DEFAULTS and v == self.LATE_DEFAULTS[k])}
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> "TrainConfig":

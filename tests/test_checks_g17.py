@@ -36,7 +36,8 @@ def test_plan_arms_parts_and_gates():
         plan = g17.CHECK.make_plan(preset)
         arms = {a.name: a.config for a in plan.arms}
         assert set(arms) == {"ln", "none", "scale"}
-        assert {a["norm"] for a in arms.values()} == {"layernorm", "none", "scale"}
+        assert {a.get("norm", "layernorm") for a in arms.values()} == {"layernorm", "none", "scale"}
+        assert "norm" not in arms["ln"]  # the default is left out: the ln arm's run id is the one it always had
         assert all(a["ln_affine"] is False and a["flatness_every"] == 0 and a["optimizer"] == "sgd"
                    for a in arms.values())
         gates = {g.name: g for g in plan.gates}

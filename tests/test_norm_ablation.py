@@ -125,10 +125,18 @@ def test_config_errors():
         TrainConfig(norm="none", zeroth_bias=True).validate()
     with pytest.raises(ValueError, match="ResidualMLP norm"):
         _tiny("batchnorm")
-    # configs written before the field read as the default
+    # configs written before the field read as the default, and a default config writes no norm
+    # (config.json and checkpoint headers of default runs keep their bytes)
     d = TrainConfig().to_dict()
-    d.pop("norm")
-    assert TrainConfig.from_dict(d).norm == "layernorm"
+    assert "norm" not in d and TrainConfig.from_dict(d).norm == "layernorm"
+    assert TrainConfig(norm="scale").to_dict()["norm"] == "scale"
+    assert TrainConfig.from_dict(TrainConfig(norm="none").to_dict()).norm == "none"
+    # resuming compares every field, the omitted one included
+    TrainConfig(steps=20).check_resumable(TrainConfig(steps=10))
+    with pytest.raises(ValueError, match="norm: 'layernorm' differs from 'none'"):
+        TrainConfig(steps=20).check_resumable(TrainConfig(steps=10, norm="none"))
+    with pytest.raises(ValueError, match="norm: 'none' differs from 'layernorm'"):
+        TrainConfig(steps=20, norm="none").check_resumable(TrainConfig(steps=10))
 
 
 def test_run_ids_pinned():
@@ -136,6 +144,10 @@ def test_run_ids_pinned():
     assert run_id(sgd_config("quick").to_dict()) == "d7ad444fb05e-s0"
     assert run_id(TrainConfig().to_dict()) == "45f1cf271c10-s0"
     assert run_id(sgd_config("quick", ln_affine=False, flatness_every=0).to_dict()) == "573ccb3634ce-s0"
+    from gradsparse.runplan import LATE_DEFAULTS
+
+    assert LATE_DEFAULTS == TrainConfig.LATE_DEFAULTS
+    assert run_id({**sgd_config("quick").to_dict(), "norm": "layernorm"}) == "d7ad444fb05e-s0"
     # a non-default norm is a different run
     base = sgd_config("quick", ln_affine=False, flatness_every=0)
     ids = {config_digest(base.replace(norm=n).to_dict()) for n in ("layernorm", "none", "scale")}
@@ -144,11 +156,12 @@ def test_run_ids_pinned():
 
 def test_old_run_folder_still_finished(tmp_path):
     cfg = sgd_config("quick")
-    old = cfg.to_dict()
-    old.pop("norm")  # a run folder written before the field
+    old = cfg.to_dict()  # as a run folder written before the field: no norm
+    assert "norm" not in old
     (tmp_path / "config.json").write_text(json.dumps(old), encoding="utf-8")
     (tmp_path / "summary.json").write_text("{}", encoding="utf-8")
     assert finished_config(tmp_path, cfg.to_dict())
+    assert finished_config(tmp_path, {**cfg.to_dict(), "norm": "layernorm"})  # an explicit default too
     assert not finished_config(tmp_path, cfg.replace(norm="none").to_dict())
 
 
