@@ -30,7 +30,7 @@ from gradsparse.errors import TrainingDiverged
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("gradsparse.commands.train", "train an MLP / ViT / byte LM with in-step sparsity monitors"),
-    "check": ("gradsparse.commands.check", "run the theory checks (G1..G16) and write a report"),
+    "check": ("gradsparse.commands.check", "run the theory checks (G1..G21) and write a report"),
     "spectrum": ("gradsparse.commands.spectrum", "per-layer singular-value table and spectrum figures"),
     "finetune": ("gradsparse.commands.finetune", "plug sparsity modules into a checkpoint and finetune it "
                  "(a Hugging Face BERT folder: see relufy)"),

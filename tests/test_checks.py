@@ -127,7 +127,7 @@ def test_bound_verdict_and_combine():
 
 def test_check_registry_and_aliases():
     checks = get_checks()
-    assert [c.name for c in checks] == [f"G{i}" for i in range(1, 17)]
+    assert [c.name for c in checks] == [f"G{i}" for i in range(1, 22)]
     for c in checks:
         assert c.claim.strip() and c.rule.strip() and set(c.presets) == set(PRESETS)
     assert [c.name for c in get_checks(["g3", "G03", "3", "g03_sparsity_emerges", "G1"])] == ["G1", "G3"]
@@ -251,7 +251,7 @@ def test_runner_records_crashes_and_unavailable(tmp_path, monkeypatch):
 def test_check_list_and_bad_arguments(capsys):
     assert cli.main(["check", "--list"]) == 0
     out = capsys.readouterr().out
-    for i in range(1, 17):
+    for i in range(1, 22):
         assert f"G{i} " in out
     assert cli.main(["check", "G42", "--list"]) == 2
     assert cli.main(["check", "G1", "--seeds", "0", "--out", "/tmp/unused-check-dir"]) == 2
@@ -284,7 +284,7 @@ def test_every_check_runs_in_smoke_and_is_well_formed(smoke_report):
     data = json.loads((out / "report.json").read_text())
     assert data["preset"] == "smoke" and data["seeds"] == [0, 1, 2]
     results = data["results"]
-    assert [r["name"] for r in results] == [f"G{i}" for i in range(1, 17)]
+    assert [r["name"] for r in results] == [f"G{i}" for i in range(1, 22)]
     for r in results:
         assert r["error"] is None, r["error"]
         assert r["verdict"] in VERDICTS and r["claim"].strip() and r["rule"].strip() and r["measured"].strip()

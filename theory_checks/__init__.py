@@ -1,5 +1,5 @@
 """The theory checks: one module per claim of SPEC.md section 5 (G1..G14) and of the links it
-leaves untested (G15, G16).
+leaves untested (G15-G21).
 
 Each module defines ``CHECK`` (a :class:`theory_checks.protocol.Check`): the prediction in one
 sentence, the verdict rule, the smoke / quick / full presets and a ``run`` that trains what it

@@ -389,8 +389,11 @@ def run(ctx: Context, p: dict[str, Any]) -> Finding:
     n = cfg.width * cfg.mlp_ratio
     nums = [seed_numbers(r.history, n) for r in runs]
     parts, gates = measure(nums, ctx.preset)
-    per_seed = {k: [float(s[k]) for s in nums] for k in nums[0]}
-    g = lambda k: mean_sd(per_seed[k])  # noqa: E731
+    every = {k: [float(s[k]) for s in nums] for k in nums[0]}
+    g = lambda k: mean_sd(every[k])  # noqa: E731
+    # a lag without an onset (the series did not move) is undefined: it stays in ``measured`` as nan and
+    # its part is INCONCLUSIVE by its gate; per_seed keeps the numbers defined for every seed
+    per_seed = {k: v for k, v in every.items() if all(math.isfinite(x) for x in v)}
     measured = (f"fixed subset, blocks 2..L: density fall {g('density_change')} (t50 {g('density_t50')}); ln G2 fall "
                 f"{g('g2_active_change')} (t50 {g('g2_active_t50')}, lag {g('g2_active_lag')}); ln ||eta||^2 fall "
                 f"{g('eta_l2sq_change')}; ln AF_K fall {g('af_k_change')}; g_sparse rise {g('g_sparse_change')} (lag "

@@ -44,7 +44,7 @@ def pilot(name: str, preset: str = "quick", seeds: Sequence[int] = PILOT_SEEDS,
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m theory_checks.pilot", description=__doc__.splitlines()[0])
-    ap.add_argument("name", help="a check (G1 ... G16)")
+    ap.add_argument("name", help="a check (G1 ... G21)")
     ap.add_argument("--preset", choices=PRESETS, default="quick")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(PILOT_SEEDS))
     ap.add_argument("--out", type=Path, default=None, help="keep the pilot's run folders here")

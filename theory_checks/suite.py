@@ -96,17 +96,19 @@ def crash_result(check: Check, ctx: Context, exc: BaseException, elapsed: float)
         numbers={}, parts={}, notes=[], figures=[], elapsed_s=round(elapsed, 2), error=tb)
 
 
-#: the check modules, in claim order (G1..G16)
+#: the check modules, in claim order (G1..G21)
 CHECK_MODULES = (
     "g01_identity", "g02_layernorm_norm", "g03_sparsity_emerges", "g04_flatness_together", "g05_sgd_noise",
     "g06_flat_region", "g07_spectral_concentration", "g08_kkt_bounds", "g09_isotropy_mp",
     "g10_modules_from_scratch", "g11_modules_finetune", "g12_weight_noise_transformer",
     "g13_derivative_vs_activation", "g14_lazy_neuron_controls", "g15_gd_vs_sgd", "g16_wd_update_mp",
+    "g17_layernorm_ablation", "g18_gradient_leads", "g19_token_cancellation", "g20_flatness_robustness",
+    "g21_derivative_stability",
 )
 
 
 def all_checks() -> list[Check]:
-    """Every registered check, G1..G16."""
+    """Every registered check, G1..G21."""
     return [importlib.import_module(f"theory_checks.{m}").CHECK for m in CHECK_MODULES]
 
 
