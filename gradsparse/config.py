@@ -194,8 +194,8 @@ class TrainConfig(RunConfig):
 
     #: fields added after run folders and run ids existed, with their defaults: ``to_dict`` leaves
     #: them out at the default, so config.json, checkpoint headers and run ids of default runs are the
-    #: bytes they were before the field existed (gradsparse.runplan.LATE_DEFAULTS, which the run ids
-    #: use, lists the same)
+    #: bytes they were before the field existed (the run ids leave them out too:
+    #: gradsparse.runplan.config_digest)
     LATE_DEFAULTS: ClassVar[dict[str, Any]] = {"norm": "layernorm"}
 
     def to_dict(self) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from gradsparse.config import TrainConfig
 from gradsparse.io import json_ready
 
 #: the plan file an execution writes beside the run folders (what ``--resume`` and ``--judge`` read)
@@ -49,10 +50,11 @@ def _canonical(obj: Any) -> str:
     return json.dumps(json_ready(obj), sort_keys=True, separators=(",", ":"))
 
 
-#: config fields added after run ids existed, with their defaults: at the default they are left out
-#: of the digest (and of the finished-run comparison), so every run id and run folder written before
-#: the field existed stays valid; a non-default value enters the digest as any field does
-LATE_DEFAULTS: dict[str, Any] = {"norm": "layernorm"}
+#: config fields added after run ids existed, with their defaults (one list: TrainConfig's): at the
+#: default they are left out of the digest (and of the finished-run comparison), so every run id and
+#: run folder written before the field existed stays valid; a non-default value enters the digest as
+#: any field does
+LATE_DEFAULTS: Mapping[str, Any] = TrainConfig.LATE_DEFAULTS
 
 
 def _without_late_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -130,8 +132,6 @@ class RunSpec:
         return int(self.config["seed"])
 
     def train_config(self) -> Any:
-        from gradsparse.config import TrainConfig
-
         return TrainConfig.from_dict(dict(self.config)).validate()
 
     def group_key(self) -> str:
@@ -263,8 +263,6 @@ def _parents_first(jobs: list[Job]) -> list[Job]:
 
 def sweep(configs: Sequence[Any], seeds: Sequence[int], *, name: str = "run", data_seed: int | None = None) -> RunPlan:
     """A plan of every config (TrainConfig) x seed: ``name-<i>`` labels config i."""
-    from gradsparse.config import TrainConfig
-
     if not configs:
         raise ValueError("configs: empty; allowed: a non-empty list of TrainConfig")
     if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
