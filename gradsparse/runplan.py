@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from gradsparse.config import TrainConfig
 from gradsparse.io import json_ready
 
 #: the plan file an execution writes beside the run folders (what ``--resume`` and ``--judge`` read)
@@ -50,20 +49,20 @@ def _canonical(obj: Any) -> str:
     return json.dumps(json_ready(obj), sort_keys=True, separators=(",", ":"))
 
 
-#: config fields added after run ids existed, with their defaults (one list: TrainConfig's): at the
-#: default they are left out of the digest (and of the finished-run comparison), so every run id and
-#: run folder written before the field existed stays valid; a non-default value enters the digest as
-#: any field does
-LATE_DEFAULTS: Mapping[str, Any] = TrainConfig.LATE_DEFAULTS
-
-
 def _without_late_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if not (k in LATE_DEFAULTS and v == LATE_DEFAULTS[k])}
+    """``config`` without the fields added after run ids existed while they hold their defaults
+    (``TrainConfig.LATE_DEFAULTS``): so every run id and run folder written before such a field
+    existed stays valid; a non-default value enters the digest as any field does. (Imported here:
+    the config module loads the models, which the command's first line must not wait for.)"""
+    from gradsparse.config import TrainConfig
+
+    late = TrainConfig.LATE_DEFAULTS
+    return {k: v for k, v in config.items() if not (k in late and v == late[k])}
 
 
 def config_digest(config: Mapping[str, Any], parent: str | None = None) -> str:
     """12 hex digits of SHA-256 over the canonical JSON of ``config`` without its seed, and without
-    the fields of :data:`LATE_DEFAULTS` at their defaults, and the ``parent`` run id: the seeds of
+    the fields of ``TrainConfig.LATE_DEFAULTS`` at their defaults, and the ``parent`` run id: the seeds of
     one config share it."""
     if not isinstance(config, Mapping):
         raise ValueError(f"config: got {type(config).__name__}; allowed: a mapping (TrainConfig.to_dict())")
@@ -132,6 +131,8 @@ class RunSpec:
         return int(self.config["seed"])
 
     def train_config(self) -> Any:
+        from gradsparse.config import TrainConfig
+
         return TrainConfig.from_dict(dict(self.config)).validate()
 
     def group_key(self) -> str:
@@ -263,6 +264,8 @@ def _parents_first(jobs: list[Job]) -> list[Job]:
 
 def sweep(configs: Sequence[Any], seeds: Sequence[int], *, name: str = "run", data_seed: int | None = None) -> RunPlan:
     """A plan of every config (TrainConfig) x seed: ``name-<i>`` labels config i."""
+    from gradsparse.config import TrainConfig
+
     if not configs:
         raise ValueError("configs: empty; allowed: a non-empty list of TrainConfig")
     if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
@@ -311,7 +314,7 @@ def finished(folder: Path, spec: RunSpec) -> bool:
 
 def finished_config(folder: str | Path, config: Mapping[str, Any]) -> bool:
     """Whether ``folder`` holds a finished run (``summary.json``) whose ``config.json`` is ``config``
-    (``TrainConfig.to_dict()``, seed included; the fields of :data:`LATE_DEFAULTS` at their defaults
+    (``TrainConfig.to_dict()``, seed included; the fields of ``TrainConfig.LATE_DEFAULTS`` at their defaults
     count as absent on both sides, so a run written before such a field existed is still finished)."""
     folder = Path(folder)
     try:
