@@ -8,12 +8,11 @@ import math
 
 import numpy as np
 import pytest
+from check_smoke import smoke_check
 
 from theory_checks import g18_gradient_leads as g18
-from theory_checks.context import Context
 from theory_checks.plan import judge
 from theory_checks.protocol import PRESETS
-from theory_checks.suite import run_check
 
 N = 512            # hidden units per block
 STEPS = np.arange(0, 2001, 100)
@@ -159,12 +158,4 @@ def test_gates_and_plan_and_the_shared_run():
 
 
 def test_smoke_end_to_end(tmp_path):
-    ctx = Context(preset="smoke", seeds=[0, 1, 2], out_dir=tmp_path)
-    plan = g18.CHECK.make_plan("smoke")
-    res = run_check(g18.CHECK, ctx, fig_dir=tmp_path / "figures", plan=plan)
-    assert res.error is None and res.unplanned == []
-    assert set(res.parts) == {p.name for p in plan.parts}
-    assert {g["name"] for g in res.gates} == {g.name for g in plan.gates}
-    for k in ("density_change", "g2_active_change", "dln_residual"):
-        assert len(res.per_seed[k]) == 3 and all(math.isfinite(v) for v in res.per_seed[k]), k
-    assert res.figures and all((tmp_path / f).is_file() for f in res.figures)
+    smoke_check(g18.CHECK, tmp_path, finite=("density_change", "g2_active_change", "dln_residual"))
