@@ -50,11 +50,12 @@ MAX_WORKERS = 256
 
 #: wall seconds of each check at the quick preset (3 seeds; G10-G12 5) on 2 CPU cores with a warm
 #: compilation cache, trained one run after the other (the sequential executor; 595 s in all for G1-G14,
-#: load 0.1-1.5; G15 and G16 measured alone). A check reuses the runs of the checks before it (G13 and
+#: load 0.1-1.5; G15 and G16 measured alone; G17-G21 from their jobs' seconds in one run of all 21 with
+#: the local executor, 680 s at load 1.1-3.8). A check reuses the runs of the checks before it (G13 and
 #: G14 the baselines of G3), so one alone can take longer.
 QUICK_SECONDS = {"G1": 33, "G2": 8, "G3": 28, "G4": 47, "G5": 66, "G6": 15, "G7": 15, "G8": 3, "G9": 42,
                  "G10": 172, "G11": 72, "G12": 56, "G13": 9, "G14": 30, "G15": 80, "G16": 60,
-                 "G17": 100, "G18": 5, "G19": 35, "G20": 30, "G21": 80}
+                 "G17": 100, "G18": 5, "G19": 35, "G20": 30, "G21": 30}
 #: a first run (empty compilation cache, datasets not yet generated) against a warm one, at quick, on the
 #: same 2 CPU cores: 1705 s (compiling 660 s, running 1045 s; load 2.3-7.3) against 776 s (compiling 88 s,
 #: running 688 s; load 2-3.4)
