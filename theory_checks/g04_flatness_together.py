@@ -15,8 +15,8 @@ Measured at every logged step of that phase: tr(H_K) by Hutchinson (``flat/trace
 Plan (pre-registered, :func:`plan`) and what changed (CHECKS_REVIEW_T3 2d, issue 21 point 5):
 
 - Phase length: 3000 steps at quick (was 1000). Pilot (seed 1000, outside the test seeds; the SGD
-  baseline's quick run, then this phase for 4000 steps, log every 50, traces every 100:
-  ``python /tmp/g45/pilot.py 1000 g4g5 4000``): the relative Q3 -> Q4 fall of the fixed-subset
+  baseline's quick run, then this phase for 4000 steps, log every 50, traces every 100 (an
+  exploratory script, not part of the package)): the relative Q3 -> Q4 fall of the fixed-subset
   loss, truncating the phase at 1000 / 2000 / 3000 / 4000 steps, was 0.095 / 0.195 / 0.061 /
   0.054; the log-to-log relative SD of the loss over the last half 0.13 / 0.16 / 0.16 / 0.16. From
   3000 steps the fall is below the gate with room; 4000 would cost a third more for 0.007.

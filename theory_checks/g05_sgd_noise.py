@@ -67,8 +67,8 @@ Float32 floor (CHECKS_REVIEW_T3 5.4-5.5): from loss ~1e-7 the logged fixed-subse
 with that reason (never -inf, never a silent match).
 
 Deltas (what changed: the sources no longer rest on test seed 0): density 0.03, log-trace 0.1
-(see the constants). Pilot on seed 1000 (outside the test seeds; `python /tmp/g45/pilot.py 1000
-g4g5`, i.e. the check's own arms through ``sgd_runs`` on a Context with seeds [1000], quick):
+(see the constants). Pilot on seed 1000 (outside the test seeds; the check's own arms through
+``sgd_runs`` on a Context with seeds [1000], quick (an exploratory script, not part of the package)):
 ref end loss 0.21, trace ~220, density 0.33; bigB interpolated by step 800 (loss 0.0064; end
 7e-4, trace 16); lowlr end loss 0.33. Batch effects on that seed are in PILOT below.
 """

@@ -54,8 +54,9 @@ the argument is about SGD noise and makes no prediction for Adam's preconditione
 Blocks 2..L: block 1's inputs lie in the span of the 40 mnist1d features, so its x is not
 isotropic in R^d and its update has rank <= ~41 (the premise fails by construction; as in G3/G9).
 
-Pilots (seed 1000, quick config, outside the test seeds; ``python /tmp/g78/pilot.py {aff|noaff}
-WD...`` through ``sgd_runs``; ``pilot.py`` measured what this module measures):
+Pilots (seed 1000, quick config, outside the test seeds; the SGD arms below, with and without the
+LN affine, at each weight decay through ``sgd_runs``, measured as this module measures (an
+exploratory script, not part of the package)):
 - wd 0: test acc 0.704, held-out density (blocks 2..L) 0.499 -> 0.337, ||K-K0||/||K0|| 0.25-0.37,
   init share 0.86-0.93, mass80(K) 4.26-4.72 (init 4.02-4.17), mass80(K-K0) 117-171 (block 1: 892),
   tr(KK^T) end/start 1.07-1.16, ||g^V|| end/start 0.61.

@@ -52,7 +52,8 @@ mnist1d features); the sandwich on every block, trained and initial models of bo
   when concentrated") is reported in the measured line;
 - implementation ``sandwich`` (exact): every token of every block satisfies the sandwich.
 
-Pilots (seed 1000, quick config, 256 held-out tokens, blocks 2..4; ``python /tmp/g78/pilot.py``):
+Pilots (seed 1000, quick config, 256 held-out tokens, blocks 2..4; the wd-0 arm and the wd-0.03
+arm without LN affine of G7's pilots (an exploratory script, not part of the package)):
 - wd 0: share 0.31-0.35 (init 0.243-0.248), rho/mean 1.12-1.23 (init 0.99-1.00): harm about -0.3
   and -0.2 (both routes closed, by a small amount: K is mostly its initialisation);
 - wd 0.03, LN without affine (the wd arm): share 0.79-0.81 (init 0.24-0.25), rho/mean 10.5-11.4

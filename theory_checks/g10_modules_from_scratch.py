@@ -45,14 +45,14 @@ decision boundary (FAIL vs INCONCLUSIVE under float rounding); the restricted LN
 and not logged; the paper's unit (DB-MLP) was not an arm; the quality parts were judgement bounds
 without error control (now margin parts).
 
-Pilot (seeds 1000 and 1001, outside the test seeds, the quick config, seeds vmapped; script
-/tmp/h10/pilot.py of the redesign session): vanilla density 0.323 / 0.259, held-out loss 2.027 /
-1.989; paired density effects (vanilla - arm) zeroth bias +0.013 / -0.008, restricted LN +0.007 /
--0.007, JSReLU +0.011 / -0.022, DB-MLP +0.002 / +0.003; ||x||^2/d ratio of the restricted-LN arm
-1.078 / 1.022 (DB-MLP 1.096 / 1.047); fill of the zeroth bias 0.53-0.58, 3-6% of entries at the
-clip; paired loss differences -0.036 (JSReLU) .. +0.009 nats. The paired SD of the density effects
-(~0.01-0.02) is as large as delta: at 5 seeds the MDE is ~0.02-0.03, so module parts will often be
-INCONCLUSIVE; that is what the data can say at this size.
+Pilot (seeds 1000 and 1001, outside the test seeds, the quick config, seeds vmapped; the arms of
+this check and of G12 trained together (an exploratory script, not part of the package)): vanilla
+density 0.323 / 0.259, held-out loss 2.027 / 1.989; paired density effects (vanilla - arm) zeroth
+bias +0.013 / -0.008, restricted LN +0.007 / -0.007, JSReLU +0.011 / -0.022, DB-MLP +0.002 / +0.003;
+||x||^2/d ratio of the restricted-LN arm 1.078 / 1.022 (DB-MLP 1.096 / 1.047); fill of the zeroth
+bias 0.53-0.58, 3-6% of entries at the clip; paired loss differences -0.036 (JSReLU) .. +0.009 nats.
+The paired SD of the density effects (~0.01-0.02) is as large as delta: at 5 seeds the MDE is
+~0.02-0.03, so module parts will often be INCONCLUSIVE; that is what the data can say at this size.
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ Why the redesign (issue 21 point 6; CHECKS_REVIEW_T3 section d): the old finetun
 third of the pretraining lr, ramps 120) was too short for the effect to appear (the expected
 effect was about delta), delta had no link to G10's measured effect, no lever was logged, n = 3.
 
-Pilot (seed 1000, outside the test seeds; script /tmp/h10/pilot11.py of the redesign session):
-control and modules finetuned 2400 steps at lr 3e-3, ramps 800, logs every 50 steps. The control
+Pilot (seed 1000, outside the test seeds): control and modules finetuned 2400 steps at lr 3e-3,
+ramps 800, logs every 50 steps (an exploratory script, not part of the package). The control
 never settles: its held-out density falls with its loss the whole way (density 0.320 -> 0.249, loss
 2.03 -> 1.80; the 800-step pretraining is far from converged), and its drift over the last third of
 a finetune cut at F = 600 / 800 / 1200 / 1600 / 2400 steps is -0.018 / -0.007 / -0.010 / -0.007 /

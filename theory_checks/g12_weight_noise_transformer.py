@@ -49,12 +49,13 @@ lower bound at 0.003, near the boundary):
 Gates: the noise-free LM learned (held-out loss fell >= 10%), and so did the rho = 0.5 arm (per-arm,
 symmetric: both arms of the comparison).
 
-Pilot (seeds 1000 and 1001, outside the test seeds, quick config, seeds vmapped; script
-/tmp/h10/pilot.py of the redesign session): density rho 0 / 0.1 / 0.5 = 0.323 / 0.314 / 0.299 and
-0.259 / 0.256 / 0.243; raw tr(H_K) (last quarter) 31.7 / 29.5 / 5.7 and 35.6 / 31.3 / 5.9; sum
-||K_l||_F^2 (end) 176 / 185 / 250 and 189 / 199 / 275, so the raw ratio rho 0 : rho 0.5 of ~5.8x is
-~4x after normalising, and rho 0.1 is ~1.0x normalised; held-out loss 2.027 / 2.026 / 2.080 and
-1.989 / 1.986 / 2.050 (rho 0.5 costs ~0.06 nats, above the 0.05 margin: context).
+Pilot (seeds 1000 and 1001, outside the test seeds, quick config, seeds vmapped; the rho 0 / 0.1 /
+0.5 arms trained together with G10's (an exploratory script, not part of the package)): density rho
+0 / 0.1 / 0.5 = 0.323 / 0.314 / 0.299 and 0.259 / 0.256 / 0.243; raw tr(H_K) (last quarter) 31.7 /
+29.5 / 5.7 and 35.6 / 31.3 / 5.9; sum ||K_l||_F^2 (end) 176 / 185 / 250 and 189 / 199 / 275, so the
+raw ratio rho 0 : rho 0.5 of ~5.8x is ~4x after normalising, and rho 0.1 is ~1.0x normalised;
+held-out loss 2.027 / 2.026 / 2.080 and 1.989 / 1.986 / 2.050 (rho 0.5 costs ~0.06 nats, above the
+0.05 margin: context).
 """
 
 from __future__ import annotations

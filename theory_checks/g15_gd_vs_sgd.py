@@ -38,16 +38,17 @@ Plan (pre-registered, :func:`plan`):
   the density); ``sgd_reaches_gd_loss`` (max over seeds of min SGD fixed loss / L <= 1: SGD's run
   reaches the matched loss, so its density is interpolated, never extrapolated).
 
-Pilot (seeds 1000-1002, outside the test seeds; ``python /tmp/h27/pilot15.py``: the shared SGD
-baseline and a 1000-step GD arm logging every 50 steps, through the same Context helpers; the
-quick arm's numbers are its first 300 steps, which a constant-lr run's length does not change, fed
-through :func:`seed_numbers`): GD at step 300 has fixed-subset loss 0.49 / 0.33 / 0.29 and density
-0.431 / 0.439 / 0.441 (from 0.50); SGD reaches those losses at steps 1195 / 1763 / 1705 with density
-0.370 / 0.354 / 0.348 there. Effect at matched loss +0.061 / +0.084 / +0.093 (mean 0.080); at equal
-steps -0.015 / -0.012 / -0.005 (GD fits much faster per step: SGD's loss at step 300 is 1.25-1.30);
-GD end vs SGD end +0.097. Gates: 0.29 >= 0.05, 0.49 <= 1.151, 0.60 <= 1. After step 300 the pilot's
-GD interpolates (loss 0.035-0.053 at step 400, 0.002 at 1000) and its density stays at 0.43-0.44,
-while SGD's falls to 0.33-0.34 by step 2000. The delta was not changed after the pilot (it is G5's).
+Pilot (seeds 1000-1002, outside the test seeds; the shared SGD baseline and a 1000-step GD arm
+logging every 50 steps, through the same Context helpers; the quick arm's numbers are its first 300
+steps, which a constant-lr run's length does not change, fed through :func:`seed_numbers` (an
+exploratory script, not part of the package)): GD at step 300 has fixed-subset loss 0.49 / 0.33 /
+0.29 and density 0.431 / 0.439 / 0.441 (from 0.50); SGD reaches those losses at steps 1195 / 1763 /
+1705 with density 0.370 / 0.354 / 0.348 there. Effect at matched loss +0.061 / +0.084 / +0.093 (mean
+0.080); at equal steps -0.015 / -0.012 / -0.005 (GD fits much faster per step: SGD's loss at step
+300 is 1.25-1.30); GD end vs SGD end +0.097. Gates: 0.29 >= 0.05, 0.49 <= 1.151, 0.60 <= 1. After
+step 300 the pilot's GD interpolates (loss 0.035-0.053 at step 400, 0.002 at 1000) and its density
+stays at 0.43-0.44, while SGD's falls to 0.33-0.34 by step 2000. The delta was not changed after the
+pilot (it is G5's).
 
 What the verdict cannot separate (stated in the report's notes): at matched loss SGD has taken 4-6x
 more steps than GD. The theory's mechanism is that the noise is what keeps SGD drifting (GD's

@@ -39,8 +39,9 @@ pilot), so the update judged is K_T - r^T K_0, the decayed accumulation itself; 
 K_T - K_0. (2) No new training: both arms are G7's (same configs, same cache). (3) The margin is
 the null quantile (G9's), fixed before any G16 run; no pilot number sets it.
 
-Pilot (seeds 1000-1002, quick, outside the test seeds: ``python /tmp/h27/pilot1617.py``, this
-module's own ``run`` on ``Context(preset="quick", seeds=[1000, 1001, 1002])``; 61 s for the
+Pilot (seeds 1000-1002, quick, outside the test seeds: this module's own ``run`` on
+``Context(preset="quick", seeds=[1000, 1001, 1002])``, i.e.
+``python -m theory_checks.pilot G16 --preset quick --seeds 1000 1001 1002``; 61 s for the
 analysis with the runs trained): wd arm: TW spikes 54 of 128, bulk KS 0.162 against a null median
 0.026 (q95 0.032), z 26.3 +- 6.1; mass80(U) (max block) 1404 +- 269 against MP(d/n) 4.20; wd 0:
 spikes 49, KS 0.125, z 17.1 +- 2.3, mass80(K - K0) 172 (the review's 138-825). Gates: init share

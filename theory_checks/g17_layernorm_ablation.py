@@ -53,9 +53,10 @@ Plan (pre-registered before the test seeds):
 - context numbers: the four factor changes per arm on the fixed subset and on the held-out batch,
   test accuracy per arm, the scale arm's final s per block.
 
-Pilot (seeds 1000-1002, quick, outside the test seeds; ``python /tmp/h17/pilot_train.py`` trains the
-three arms through the Context (131 s / 126 s / 155 s for the 3 seeds of ln / none / scale, load 3-10
-on 2 cores), ``python /tmp/h17/pilot_check.py`` runs this module through the suite's judge on them):
+Pilot (seeds 1000-1002, quick, outside the test seeds;
+``python -m theory_checks.pilot G17 --preset quick --seeds 1000 1001 1002`` trains the three arms
+through the Context (131 s / 126 s / 155 s for the 3 seeds of ln / none / scale, load 3-10 on 2 cores)
+and runs this module's ``run`` on them; the bounds below are the suite's judge applied to its parts):
 
 - density fall (first log -> end window): ln 0.161 +- 0.004, none 0.143 +- 0.002, scale 0.186 +- 0.006;
   ln - none 0.019 (bounds [0.013, 0.024]: FAIL against delta 0.03), ln - scale -0.025 (opposite sign);

@@ -86,20 +86,21 @@ interval of 0 is resolved only to the seeds' spread of the interpolated t50. A f
 (``log_every`` 20; a new config, ~30 s per seed) would be the next step if a verdict sat there; it is
 not part of this plan.
 
-Pilot (seeds 1000-1002, quick, outside the test seeds; the runs by ``python /tmp/h18/train_pilot.py``
-(the shared baseline through ``sgd_runs``, 30-33 s per seed at load 3-7), the numbers by this module's
-``run`` on ``Context(preset="quick", seeds=[1000, 1001, 1002])``: ``python /tmp/h18/pilot.py``; see
-``PILOT``): density (fixed, 2..L) fall 0.160 +- 0.005 (0.50 -> 0.34), t50 493 / 578 / 498. G2 falls
-in the first 100-200 steps (the loss leaves chance) and then rises ~5-10x, ending ABOVE its init
-value: ln fall -1.08 / -1.04 / -1.27 (g2_active_falls would FAIL; g2_active_leads has no t50: gate).
-G1 falls a little (ln 0.26 / 0.24 / 0.12; its t50 leads by ~500 steps): the active gradients become
-heavy-tailed (fitted examples' gradients shrink, the misfit ones' grow).
-||eta||^2 and AF_K also end above their start (ln -0.71 and -0.70); (b)'s split of ln AF_K's change
-+0.70 = x_sq -0.004 + #active -0.386 + G2 +1.13 + residual -0.037: AF_K rises, carried by G2, while
-the count falls. Lags (steps): g_sparse +536 +- 221 and the active small share +534 +- 236 (t50 ~
-790-1210, AFTER the density's); the tautological eta_sparse +137 +- 25; ||eta||_1 -467 (before: its
-count factor and G1 both fall); ln loss +369. Analysis 1.7 s with the runs trained (load ~8).
-21 logs resolve these lags (3-7 log intervals); no finer arm is needed for them.
+Pilot (seeds 1000-1002, quick, outside the test seeds; the runs (the shared baseline through
+``sgd_runs``, 30-33 s per seed at load 3-7) and the numbers by this module's ``run`` on
+``Context(preset="quick", seeds=[1000, 1001, 1002])``:
+``python -m theory_checks.pilot G18 --preset quick --seeds 1000 1001 1002``; see ``PILOT``): density
+(fixed, 2..L) fall 0.160 +- 0.005 (0.50 -> 0.34), t50 493 / 578 / 498. G2 falls in the first 100-200
+steps (the loss leaves chance) and then rises ~5-10x, ending ABOVE its init value: ln fall -1.08 /
+-1.04 / -1.27 (g2_active_falls would FAIL; g2_active_leads has no t50: gate). G1 falls a little (ln
+0.26 / 0.24 / 0.12; its t50 leads by ~500 steps): the active gradients become heavy-tailed (fitted
+examples' gradients shrink, the misfit ones' grow). ||eta||^2 and AF_K also end above their start
+(ln -0.71 and -0.70); (b)'s split of ln AF_K's change +0.70 = x_sq -0.004 + #active -0.386 + G2
++1.13 + residual -0.037: AF_K rises, carried by G2, while the count falls. Lags (steps): g_sparse
++536 +- 221 and the active small share +534 +- 236 (t50 ~ 790-1210, AFTER the density's); the
+tautological eta_sparse +137 +- 25; ||eta||_1 -467 (before: its count factor and G1 both fall); ln
+loss +369. Analysis 1.7 s with the runs trained (load ~8). 21 logs resolve these lags (3-7 log
+intervals); no finer arm is needed for them.
 """
 
 from __future__ import annotations

@@ -48,19 +48,19 @@ Plan (pre-registered, :func:`plan`):
 - gates: every arm learned (held-out loss fell >= 10%, G10/G12's gate), per arm compared; the
   zeroth-bias part also needs the bias to fill >= 0.1 of its clip range (G10's ``zb_used``).
 
-Pilot (seeds 1000-1002, quick, outside the test seeds; the three arms trained by
-``python /tmp/h19/train_pilot.py`` (G10/G12's configs through the Context helpers), then this
-module's ``run`` by ``python /tmp/h19/pilot.py``; 17 s of analysis at load 9 on 2 cores): C at init
-4.31 +- 0.58 (tokens aligned), trained vanilla 1.105 +- 0.031, rho 0.5 1.135 +- 0.027, zeroth bias
-1.114 +- 0.023; shuffled pairing (vanilla) 1.059 +- 0.021. Effects: noise_less_cancellation +0.026
-+- 0.008 (T falls by ln 1.601, P by ln 1.575: noise lowers both ~5x after normalising), zeroth_bias
-_more_token_noise -0.008 +- 0.008 (R 27.7 vs 28.0), training_created_cancellation +1.35,
-vanilla_below_shuffled -0.043, vanilla_cancels -0.100 (C > 1: no net cancellation). Gates: held-out
-loss fell 63-65% in every arm; zeroth-bias fill 0.53. So at this size the trained noise-free LM
-shows no net cancellation (C slightly above 1 and above its shuffled null): training removes the
-initialisation's token alignment (C 4.3 -> 1.1) but stops near the unrelated-token value, and the
-pilot expects the primaries to FAIL or be INCONCLUSIVE at delta 0.04. The delta was fixed from the
-null, not from the effects.
+Pilot (seeds 1000-1002, quick, outside the test seeds; the three arms trained with G10/G12's configs
+through the Context helpers, then this module's ``run``, both by
+``python -m theory_checks.pilot G19 --preset quick --seeds 1000 1001 1002``; 17 s of analysis at
+load 9 on 2 cores): C at init 4.31 +- 0.58 (tokens aligned), trained vanilla 1.105 +- 0.031, rho 0.5
+1.135 +- 0.027, zeroth bias 1.114 +- 0.023; shuffled pairing (vanilla) 1.059 +- 0.021. Effects:
+noise_less_cancellation +0.026 +- 0.008 (T falls by ln 1.601, P by ln 1.575: noise lowers both ~5x
+after normalising), zeroth_bias_more_token_noise -0.008 +- 0.008 (R 27.7 vs 28.0),
+training_created_cancellation +1.35, vanilla_below_shuffled -0.043, vanilla_cancels -0.100 (C > 1:
+no net cancellation). Gates: held-out loss fell 63-65% in every arm; zeroth-bias fill 0.53. So at
+this size the trained noise-free LM shows no net cancellation (C slightly above 1 and above its
+shuffled null): training removes the initialisation's token alignment (C 4.3 -> 1.1) but stops near
+the unrelated-token value, and the pilot expects the primaries to FAIL or be INCONCLUSIVE at delta
+0.04. The delta was fixed from the null, not from the effects.
 
 Design notes: (1) eta from the per-sample loss, not the batch mean: the samples of the LM do not
 interact, so the batch-mean eta is the per-sample one / B; the vmap makes that explicit and is what

@@ -74,9 +74,10 @@ Hutchinson error). The loss levels of a gated pair still differ (pilot: lowlr ab
 why the amplification part divides G_out out: it is context because the claim is about robustness
 itself (the loss increase), whose loss-level factor is part of what flatness predicts.
 
-Pilot (seeds 1000-1002, outside the test seeds, quick; ``python /tmp/h20/pilot.py``: this module's
-own ``run`` on ``Context(preset="quick", seeds=[1000, 1001, 1002])`` over the five arms, trained by
-/tmp/h20/train_pilot.py through ``sgd_runs`` / ``lm_runs``; the analysis took 38 s at load 6-8 with a
+Pilot (seeds 1000-1002, outside the test seeds, quick;
+``python -m theory_checks.pilot G20 --preset quick --seeds 1000 1001 1002``: this module's own
+``run`` on ``Context(preset="quick", seeds=[1000, 1001, 1002])`` over the five arms, trained through
+``sgd_runs`` / ``lm_runs``; the analysis took 38 s at load 6-8 with a
 cold compilation cache, before both LM arms shared one compiled structure). Per arm, mean over the seeds:
 
 | arm | fixed loss | T_norm | R_x~ | dL_worst | eps^2 lambda_max/2 | ||grad|| | random / closed form |
@@ -104,13 +105,14 @@ Findings of the pilot that shape the reading (written before the test seeds):
   fixed-subset loss, so the ``_w`` primaries compare gradient norms as much as curvature; the
   ``_w_second_order`` context part is the curvature part (eps^2 lambda_max / 2).
 - ``random_matches_trace`` is expected to FAIL on the mnist1d arms: the antithetic random-direction
-  increase of the ReLU MLP is ~2x eps^2/(2p) tr(H_K), and the ratio is the same at eps = 1e-1,
-  3e-2 and 1e-2 ||K|| (2.15, 2.14, 2.17; 16 draws, ref seed 1000, trace recomputed at the final model
-  with 32 probes: /tmp/h20/kink.py), so it is not a higher-order term: it is the ReLU kinks, units
-  whose pre-activation crosses 0 under the perturbation, whose contribution is also O(eps^2) but
-  which the autodiff Hessian (sigma'' = 0) does not see. With a smooth activation the closed form
-  holds (tests/test_checks_g20.py, GELU). The logged Hutchinson tr(H_K) of a ReLU network thus
-  measures the smooth part of the curvature only, about half of what a random perturbation feels.
+  increase of the ReLU MLP is ~2x eps^2/(2p) tr(H_K), and the ratio is the same at eps = 1e-1, 3e-2
+  and 1e-2 ||K|| (2.15, 2.14, 2.17; 16 draws, ref seed 1000, trace recomputed at the final model
+  with 32 probes; an exploratory script, not part of the package), so it is not a higher-order term:
+  it is the ReLU kinks, units whose pre-activation crosses 0 under the perturbation, whose
+  contribution is also O(eps^2) but which the autodiff Hessian (sigma'' = 0) does not see. With a
+  smooth activation the closed form holds (tests/test_checks_g20.py, GELU). The logged Hutchinson
+  tr(H_K) of a ReLU network thus measures the smooth part of the curvature only, about half of what
+  a random perturbation feels.
 """
 
 from __future__ import annotations

@@ -58,11 +58,11 @@ Plan (pre-registered):
   otherwise the comparison restates one set); ``*_sets_nonempty``: min over seeds and window
   checkpoints of min(frac A, frac D) >= 0.005 (>= ~330 of 65536 pairs at quick).
 
-Pilot (seeds 1000-1002, quick, outside the test seeds): this module's ``run`` through
-``suite.run_check`` on ``Context(preset="quick", seeds=[1000, 1001, 1002])``
-(`python /tmp/h21/pilot_check.py 1000,1001,1002 /tmp/h21/pilot`; 113 s with the 6 runs trained, at
-load ~6-10), with the exploration scripts `python /tmp/h21/pilot_an.py` (tolerances 0.05 / 0.1 /
-0.2, literal sets) and `python /tmp/h21/pilot_null.py` (the null at each tolerance). Test accuracy
+Pilot (seeds 1000-1002, quick, outside the test seeds): this module's ``run`` on
+``Context(preset="quick", seeds=[1000, 1001, 1002])``
+(``python -m theory_checks.pilot G21 --preset quick --seeds 1000 1001 1002``; 113 s with the 6 runs
+trained, at load ~6-10), with scans of the same runs at tolerances 0.05 / 0.1 / 0.2 (literal sets)
+and of the null at each tolerance (an exploratory script, not part of the package). Test accuracy
 GELU 0.686 +- 0.019, same-sign 0.701 +- 0.016. GELU: end frac D 0.441, A 0.372, J(A, D)
 0.620 +- 0.017; churn I_D 0.439 (null 0.433), I_A 0.407 (null 0.405); excess ratio -0.013 / -0.007
 / -0.004, raw Jaccard ratio -0.077, flip ratio -0.305, fraction-variation ratio +0.15 / +0.12 /

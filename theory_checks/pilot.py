@@ -4,7 +4,9 @@ Deltas and thresholds of the checks come from pilots, never from the seeds a ver
 on (presets use seeds 0..N-1 with N <= 1000 by default). ``python -m theory_checks.pilot G6
 --preset quick`` runs the check's own ``run`` (same arms, same measurements) on the pilot seeds
 and prints each part's per-seed values and their mean: the numbers a check's delta source cites.
-Nothing is judged (two seeds decide nothing) and no report is written.
+Nothing is judged (two seeds decide nothing) and no report is written. Without ``--out`` the
+pilot's run folders (which some checks read back, e.g. G21's checkpoints) go to a temporary
+directory that is removed at the end.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,11 +32,15 @@ PILOT_SEEDS = (1000, 1001)
 def pilot(name: str, preset: str = "quick", seeds: Sequence[int] = PILOT_SEEDS,
           out: Path | None = None) -> dict[str, Any]:
     """{part: {"values": per pilot seed, "mean": mean}} of check ``name`` run on ``seeds``, plus
-    the check's per-seed numbers under "per_seed"."""
+    the check's per-seed numbers under "per_seed". The run folders go to ``out`` or, when it is
+    None, to a temporary directory removed before returning."""
     if any(s < 1000 for s in seeds):
         raise ValueError(f"pilot seeds must be >= 1000 (outside every preset's test seeds), got {list(seeds)}")
     (check,) = get_checks([name])
     enable_compilation_cache()
+    if out is None:
+        with tempfile.TemporaryDirectory(prefix="gradsparse-pilot-") as tmp:
+            return pilot(name, preset, seeds, Path(tmp))
     ctx = Context(preset=preset, seeds=list(seeds), out_dir=out)
     finding = check.run(ctx, check.params(preset))
     parts = {k: {"values": v.values, "mean": float(np.mean(v.values)) if v.values else None, "kind": v.kind}
