@@ -13,7 +13,7 @@ import dataclasses
 import difflib
 import json
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 from gradsparse._validate import check_bool, check_choice, check_float, check_int
 from gradsparse.activations import Activation, get_activation
@@ -198,9 +198,13 @@ class TrainConfig(RunConfig):
     #: gradsparse.runplan.config_digest)
     LATE_DEFAULTS: ClassVar[dict[str, Any]] = {"norm": "layernorm"}
 
+    @classmethod
+    def without_late_defaults(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+        """``d`` (a config mapping) without the :attr:`LATE_DEFAULTS` fields that hold their defaults."""
+        return {k: v for k, v in d.items() if not (k in cls.LATE_DEFAULTS and v == cls.LATE_DEFAULTS[k])}
+
     def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
-        return {k: v for k, v in d.items() if not (k in self.LATE_DEFAULTS and v == self.LATE_DEFAULTS[k])}
+        return self.without_late_defaults(super().to_dict())
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> "TrainConfig":

@@ -56,8 +56,7 @@ def _without_late_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
     the config module loads the models, which the command's first line must not wait for.)"""
     from gradsparse.config import TrainConfig
 
-    late = TrainConfig.LATE_DEFAULTS
-    return {k: v for k, v in config.items() if not (k in late and v == late[k])}
+    return TrainConfig.without_late_defaults(config)
 
 
 def config_digest(config: Mapping[str, Any], parent: str | None = None) -> str:
