@@ -423,13 +423,20 @@ def start_end(history: Sequence[Mapping[str, Any]], key: str) -> tuple[float, fl
     return float(v[0]), float(v[-1])
 
 
+def window_rows(steps: Sequence[float], lo: float, hi: float = 1.0) -> np.ndarray:
+    """Boolean mask of the logged steps in the fraction [lo, hi] of training (t = step / last step;
+    the end window of the last 10% is ``lo = 0.9``)."""
+    s = np.asarray(steps, np.float64)
+    t = s / max(float(s[-1]), 1.0)
+    return (t >= lo - 1e-9) & (t <= hi + 1e-9)
+
+
 def window_mean(history: Sequence[Mapping[str, Any]], key: str, lo: float, hi: float) -> float:
     """Mean of ``key`` over logged steps in the fraction [lo, hi] of training (by step)."""
     s, v = series(history, key)
     if s.size == 0:
         return math.nan
-    t = s / max(s[-1], 1.0)
-    m = (t >= lo - 1e-9) & (t <= hi + 1e-9)
+    m = window_rows(s, lo, hi)
     return float(np.mean(v[m])) if m.any() else math.nan
 
 

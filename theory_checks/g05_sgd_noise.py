@@ -82,7 +82,7 @@ import numpy as np
 
 from gradsparse.figures import plot_curves
 from gradsparse.figures_spectra import FORMATS, save_figure
-from theory_checks.context import tail, SGD, Context, describe, sgd_config, sgd_runs
+from theory_checks.context import tail, SGD, Context, describe, sgd_config, sgd_runs, window_rows
 from theory_checks.plan import CheckPlan, GatePlan, PartPlan, arm
 from theory_checks.protocol import Check, Finding
 from theory_checks.verdicts import Gate, Verdict, effect_verdict, fmt, mean_sd
@@ -234,14 +234,6 @@ def matched_step(steps: Sequence[float], losses: Sequence[float], target: float)
             w = 0.0 if l0 == l1 else float(np.clip((l0 - target) / (l0 - l1), 0.0, 1.0))
             return float(s[i - 1] + w * (s[i] - s[i - 1])), None
     return math.nan, f"loss never reached {fmt(target)} (min {fmt(float(np.nanmin(l)) if l.size else math.nan)})"
-
-
-def window_rows(steps: Sequence[float], lo: float, hi: float = 1.0) -> np.ndarray:
-    """Boolean mask of the logged steps in the fraction [lo, hi] of training (t = step / last step),
-    as :func:`theory_checks.context.window_mean` selects them."""
-    s = np.asarray(steps, np.float64)
-    t = s / max(float(s[-1]), 1.0)
-    return (t >= lo - 1e-9) & (t <= hi + 1e-9)
 
 
 def end_mean(steps: Sequence[float], values: Sequence[float], lo: float) -> float:

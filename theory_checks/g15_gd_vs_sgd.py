@@ -66,7 +66,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from gradsparse.figures import plot_curves
-from theory_checks.context import SGD, Context, describe, sgd_config, sgd_runs
+from theory_checks.context import SGD, Context, describe, sgd_config, sgd_runs, window_rows
 from theory_checks.g05_sgd_noise import DENSITY_SOURCE, LOSS_FLOOR, MIN_DENSITY, column, interp_at, matched_step
 from theory_checks.plan import CheckPlan, GatePlan, PartPlan, arm
 from theory_checks.protocol import Check, Finding
@@ -141,7 +141,7 @@ def seed_numbers(sgd_hist: Sequence[Mapping[str, Any]], gd_hist: Sequence[Mappin
     step, problem = matched_step(s_steps, s_loss, target)
     at = interp_at(s_dsteps, s_dens, step) if math.isfinite(step) else math.nan
     same = interp_at(s_dsteps, s_dens, float(g_steps[-1]))
-    s_end = float(np.mean(s_dens[s_dsteps / max(s_dsteps[-1], 1.0) >= 0.9 - 1e-9]))
+    s_end = float(np.mean(s_dens[window_rows(s_dsteps, 0.9)]))
     return {"gd_loss": target, "gd_density": float(g_dens[-1]), "gd_density_start": float(g_dens[0]),
             "matched_step": step, "problem": problem, "sgd_density_at_match": at, "sgd_density_same_step": same,
             "sgd_density_end": s_end, "sgd_min_loss": float(np.nanmin(s_loss)),

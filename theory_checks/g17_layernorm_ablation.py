@@ -94,7 +94,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from gradsparse.figures_spectra import FORMATS, save_figure
-from theory_checks.context import SGD, Context, describe, sgd_config
+from theory_checks.context import SGD, Context, describe, sgd_config, window_rows
 from theory_checks.g05_sgd_noise import DENSITY_SOURCE, LOSS_FLOOR, MIN_DENSITY
 from theory_checks.plan import CheckPlan, GatePlan, PartPlan, arm
 from theory_checks.protocol import Check, Finding
@@ -198,11 +198,6 @@ def _tail(v: np.ndarray) -> np.ndarray:
     return v[:, 1:] if v.shape[1] > 1 else v
 
 
-def _end_mask(steps: np.ndarray, frac: float = END_FRAC) -> np.ndarray:
-    t = steps / max(float(steps[-1]), 1.0)
-    return t >= 1.0 - frac - 1e-9
-
-
 def log_factors(history: Sequence[Mapping[str, Any]], prefix: str = "fixed"
                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Per log, the four log-factors of the identity, mean over blocks 2..L:
@@ -221,7 +216,7 @@ def factor_changes(history: Sequence[Mapping[str, Any]], prefix: str = "fixed") 
     """d ln factor = (mean over the end window) - (first log), for the four factors; exact sum:
     d af_k = d x_sq + d g_sq + d active."""
     steps, f = log_factors(history, prefix)
-    m = _end_mask(steps)
+    m = window_rows(steps, 1.0 - END_FRAC)
     return {k: float(np.mean(v[m]) - v[0]) for k, v in f.items()}
 
 
@@ -229,7 +224,7 @@ def density_fall(history: Sequence[Mapping[str, Any]]) -> tuple[float, float]:
     """(held-out density of blocks 2..L at the first log, at the end window)."""
     steps, d = _rows(history, "heldout/density")
     dm = np.mean(_tail(d), axis=1)
-    return float(dm[0]), float(np.mean(dm[_end_mask(steps)]))
+    return float(dm[0]), float(np.mean(dm[window_rows(steps, 1.0 - END_FRAC)]))
 
 
 def seed_numbers(history: Sequence[Mapping[str, Any]], test_accuracy: float) -> dict[str, float]:
@@ -240,7 +235,7 @@ def seed_numbers(history: Sequence[Mapping[str, Any]], test_accuracy: float) -> 
     loss = np.asarray([h["fixed/loss"] for h in history if "fixed/loss" in h], np.float64)
     finite = all(math.isfinite(float(h.get(k, 0.0))) for h in history for k in ("loss", "grad_norm", "fixed/loss"))
     out = {"density_start": d0, "density_end": d1, "density_fall": d0 - d1,
-           "fixed_loss_end": float(np.mean(loss[_end_mask(steps)])) if loss.size else math.nan,
+           "fixed_loss_end": float(np.mean(loss[window_rows(steps, 1.0 - END_FRAC)])) if loss.size else math.nan,
            "finite": 1.0 if finite else 0.0, "test_acc": float(test_accuracy)}
     out.update({f"d_{k}": v for k, v in fx.items()})
     out.update({f"heldout_d_{k}": v for k, v in ho.items()})

@@ -127,9 +127,11 @@ import numpy as np
 
 from gradsparse.data import Batcher
 from gradsparse.factory import RunKeys
+from gradsparse.flatness import hvp
 from gradsparse.models import zero_probes
 from gradsparse.step import loss_fn
-from theory_checks.context import LM, SGD, Context, describe, heldout, lm_config, lm_runs, sgd_config, sgd_runs
+from theory_checks.context import (LM, SGD, Context, describe, heldout, lm_config, lm_runs, sgd_config, sgd_runs,
+                                   window_rows)
 from theory_checks.g04_flatness_together import spearman
 from theory_checks.g05_sgd_noise import LOSS_FLOOR, MIN_LOG_TRACE
 from theory_checks.g12_weight_noise_transformer import late_mean, normalised_trace
@@ -343,16 +345,13 @@ def top_curvature(f: Callable[[Any], Array], params: Any, key: Array, steps: int
         raise ValueError(f"steps: must be an int >= 1, got {steps!r}")
     r = _normal_like(key, params)
 
-    def hv(v):
-        return jax.jvp(jax.grad(f), (params,), (v,))[1]
-
     def body(_, u):
-        h = hv(u)
+        h = hvp(f, params, u)
         n = _norm(h)
         return jax.tree_util.tree_map(lambda hi, ui: jnp.where(n > 0, hi / jnp.where(n > 0, n, 1.0), ui), h, u)
 
     u = jax.lax.fori_loop(0, steps, body, _scale(1.0 / _norm(r), r))
-    return _dot(u, hv(u)) / _dot(u, u)
+    return _dot(u, hvp(f, params, u)) / _dot(u, u)
 
 
 # ------------------------------------------------------------------------------ on a model
@@ -455,10 +454,9 @@ def log_numbers(history: Sequence[Mapping[str, Any]], p_entries: int) -> dict[st
     afn = np.asarray([normalised_trace(a, k, p_entries) for a, k in zip(af, kf)])
     ls = np.asarray([h["step"] for h in history if "fixed/loss" in h], np.float64)
     lv = np.asarray([h["fixed/loss"] for h in history if "fixed/loss" in h], np.float64)
-    t = ls / max(float(ls[-1]), 1.0)
-    half = s / max(float(s[-1]), 1.0) >= 0.5 - 1e-9
+    half = window_rows(s, 0.5)
     rho = spearman(af[half], raw[half]) if int(half.sum()) >= 3 else math.nan
-    return {"loss": float(np.mean(lv[t >= 0.9 - 1e-9])), "trace": late_mean(s, raw), "trace_norm": late_mean(s, norm),
+    return {"loss": float(np.mean(lv[window_rows(ls, 0.9)])), "trace": late_mean(s, raw), "trace_norm": late_mean(s, norm),
             "af": late_mean(s, af), "af_norm": late_mean(s, afn), "trace_last": float(raw[-1]),
             "trace_last_step": float(s[-1]), "af_trace_spearman_late": float(rho)}
 
